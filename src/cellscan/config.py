@@ -1,0 +1,270 @@
+"""Typed parameters loaded from params.yaml, and settings taken from the environment.
+
+Every stage reads its own group (``base``, ``data``, ``synth``, ``model``, ``train``, ``score``)
+into a frozen dataclass whose ``__post_init__`` checks ranges, so a bad value fails at load time
+with a message naming the key, the allowed range and the value found.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import yaml
+
+from cellscan.errors import ConfigError
+
+MapKind = Literal["l2", "ssim", "l2_ssim"]
+Aggregation = Literal["mean", "max", "topk_mean"]
+MAP_KINDS: tuple[str, ...] = ("l2", "ssim", "l2_ssim")
+AGGREGATIONS: tuple[str, ...] = ("mean", "max", "topk_mean")
+
+
+def _check(cond: bool, key: str, expected: str, got: object) -> None:
+    if not cond:
+        msg = f"params: {key} must be {expected}, got {got!r}"
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DataParams:
+    root: str = "data/cells"
+    image_size: int = 64
+    channels: int = 1
+    val_fraction: float = 0.15
+    max_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.image_size <= 1024, "data.image_size", "between 8 and 1024", self.image_size)
+        _check(self.channels in (1, 3), "data.channels", "1 (grayscale) or 3 (RGB)", self.channels)
+        _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "in (0, 0.9)", self.val_fraction)
+        _check(self.max_pixels >= 64, "data.max_pixels", ">= 64", self.max_pixels)
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    size: int = 128
+    n_train: int = 160
+    n_test_good: int = 40
+    n_per_defect: int = 10
+    bit_depth: int = 16
+
+    def __post_init__(self) -> None:
+        _check(32 <= self.size <= 2048, "synth.size", "between 32 and 2048", self.size)
+        _check(self.n_train >= 2, "synth.n_train", ">= 2", self.n_train)
+        _check(self.n_test_good >= 1, "synth.n_test_good", ">= 1", self.n_test_good)
+        _check(self.n_per_defect >= 0, "synth.n_per_defect", ">= 0", self.n_per_defect)
+        _check(self.bit_depth in (8, 16), "synth.bit_depth", "8 or 16", self.bit_depth)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    base_filters: int = 32
+    depth: int = 3
+    latent_dim: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(4 <= self.base_filters <= 256, "model.base_filters", "between 4 and 256", self.base_filters)
+        _check(1 <= self.depth <= 6, "model.depth", "between 1 and 6", self.depth)
+        _check(2 <= self.latent_dim <= 4096, "model.latent_dim", "between 2 and 4096", self.latent_dim)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    patience: int = 6
+    augment: bool = True
+    flip: bool = True
+    anomaly_prob: float = 0.5
+    ssim_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.epochs <= 10_000, "train.epochs", "between 1 and 10000", self.epochs)
+        _check(1 <= self.batch_size <= 4096, "train.batch_size", "between 1 and 4096", self.batch_size)
+        _check(0.0 < self.learning_rate < 1.0, "train.learning_rate", "in (0, 1)", self.learning_rate)
+        _check(self.patience >= 1, "train.patience", ">= 1", self.patience)
+        _check(0.0 <= self.anomaly_prob <= 1.0, "train.anomaly_prob", "in [0, 1]", self.anomaly_prob)
+        _check(0.0 <= self.ssim_weight <= 1.0, "train.ssim_weight", "in [0, 1]", self.ssim_weight)
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    map: MapKind = "l2_ssim"
+    aggregation: Aggregation = "topk_mean"
+    topk: float = 0.02
+    smooth_sigma: float = 2.0
+    threshold_quantile: float = 0.99
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
+        _check(
+            self.aggregation in AGGREGATIONS,
+            "score.aggregation",
+            f"one of {', '.join(AGGREGATIONS)}",
+            self.aggregation,
+        )
+        _check(0.0 < self.topk <= 1.0, "score.topk", "in (0, 1]", self.topk)
+        _check(0.0 <= self.smooth_sigma <= 50.0, "score.smooth_sigma", "in [0, 50]", self.smooth_sigma)
+        _check(
+            0.5 <= self.threshold_quantile < 1.0,
+            "score.threshold_quantile",
+            "in [0.5, 1)",
+            self.threshold_quantile,
+        )
+
+
+@dataclass(frozen=True)
+class Params:
+    """All parameter groups of params.yaml."""
+
+    base: BaseParams = field(default_factory=BaseParams)
+    data: DataParams = field(default_factory=DataParams)
+    synth: SynthParams = field(default_factory=SynthParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Params as ``group.key`` pairs (for MLflow)."""
+        return {f"{g}.{k}": v for g, group in self.to_dict().items() for k, v in group.items()}
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Params:
+        """Return a copy with ``{"train.epochs": 3, ...}`` applied (values are checked again)."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            group, _, key = dotted.partition(".")
+            if group not in raw or key not in raw[group]:
+                msg = f"params: unknown key {dotted!r}; groups are {', '.join(raw)}"
+                raise ConfigError(msg)
+            raw[group][key] = value
+        return params_from_dict(raw)
+
+
+_GROUPS: dict[str, type] = {f.name: cast(type, f.default_factory) for f in fields(Params)}  # type: ignore[misc]
+
+
+def _coerce(cls: type, name: str, raw: Any) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        msg = f"params: group {name!r} must be a mapping, got {type(raw).__name__}"
+        raise ConfigError(msg)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        msg = f"params: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; expected {', '.join(known)}"
+        raise ConfigError(msg)
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError
+                values[key] = value
+            elif isinstance(default, int):
+                if isinstance(value, bool) or float(value) != int(value):
+                    raise TypeError
+                values[key] = int(value)
+            elif isinstance(default, float):
+                values[key] = float(value)
+            else:
+                values[key] = str(value)
+        except (TypeError, ValueError):
+            msg = f"params: {name}.{key} must be {type(default).__name__}, got {value!r}"
+            raise ConfigError(msg) from None
+    return replace(defaults, **values)
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    unknown = sorted(set(raw) - set(_GROUPS))
+    if unknown:
+        msg = f"params: unknown group(s) {', '.join(unknown)}; expected {', '.join(_GROUPS)}"
+        raise ConfigError(msg)
+    return Params(**{name: _coerce(cls, name, raw.get(name)) for name, cls in _GROUPS.items()})
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load params.yaml into typed, range-checked groups.
+
+    Args:
+        path: the YAML file. Groups or keys it lacks take their defaults.
+        overrides: ``{"group.key": value}`` applied after loading.
+
+    Raises:
+        ConfigError: the file is missing or a value is out of range.
+    """
+    p = Path(path)
+    if not p.is_file():
+        msg = f"params file does not exist: {p}"
+        raise ConfigError(msg)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        msg = f"params file {p} is not valid YAML: {exc}"
+        raise ConfigError(msg) from None
+    params = params_from_dict(raw)
+    return params.with_overrides(overrides) if overrides else params
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``["train.epochs=3", "score.map=ssim"]`` (values read as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            msg = f"override must look like group.key=value, got {item!r}"
+            raise ConfigError(msg)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Environment-specific settings (they do not change results, so they stay out of params.yaml)."""
+
+    tracking_uri: str
+    model_name: str
+    home: Path
+
+    @classmethod
+    def from_env(cls, root: Path | None = None) -> Settings:
+        home = Path(root or os.environ.get("CELLSCAN_HOME", ".")).resolve()
+        default_uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+        return cls(
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", default_uri),
+            model_name=os.environ.get("CELLSCAN_MODEL_NAME", "cellscan"),
+            home=home,
+        )
+
+
+OFFLINE_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "BENTOML_DO_NOT_TRACK": "True",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def setup_offline() -> None:
+    """Switch every component's telemetry off (call before importing MLflow, Prefect, BentoML)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

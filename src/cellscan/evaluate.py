@@ -1,0 +1,120 @@
+"""Detection metrics: image AUROC/AUPR, precision/recall/F1 at the threshold, pixel AUROC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from cellscan.data import Dataset
+from cellscan.errors import DatasetError
+from cellscan.images import load_batch, load_mask
+from cellscan.scoring import calibrate_threshold
+
+if TYPE_CHECKING:
+    from cellscan.artifact import CellscanModel
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Image-level metrics; AUROC and AUPR are NaN when only one class is present.
+
+    Example:
+        >>> m = image_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), 0.3)
+        >>> m["image_auroc"], m["recall"], m["precision"]   # one normal above the threshold
+        (0.75, 1.0, 0.6666666666666666)
+    """
+    labels = labels.astype(int)
+    pred = scores > threshold
+    tp = int(np.sum(pred & (labels == 1)))
+    fp = int(np.sum(pred & (labels == 0)))
+    fn = int(np.sum(~pred & (labels == 1)))
+    both = len(np.unique(labels)) == 2
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "image_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "image_aupr": float(average_precision_score(labels, scores)) if both else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "accuracy": float(np.mean(pred == (labels == 1))),
+        "threshold": float(threshold),
+    }
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray, max_pixels: int = 2_000_000, seed: int = 0) -> float:
+    """Pixel AUROC over all images (normal images contribute all-negative masks); NaN without positives."""
+    y = masks.reshape(-1).astype(bool)
+    s = maps.reshape(-1)
+    if not y.any() or y.all():
+        return float("nan")
+    if len(y) > max_pixels:  # subsample uniformly to bound memory and time
+        idx = np.random.default_rng(seed).choice(len(y), max_pixels, replace=False)
+        y, s = y[idx], s[idx]
+    return float(roc_auc_score(y, s))
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
+    """ROC curve points for plots."""
+    fpr, tpr, thr = roc_curve(labels.astype(int), scores)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": np.nan_to_num(thr, posinf=1e9).tolist()}
+
+
+@dataclass
+class Evaluation:
+    """Scores of a model on a dataset's validation normals and known anomalies."""
+
+    threshold: float
+    metrics: dict[str, float]
+    labels: np.ndarray
+    scores: np.ndarray
+    defects: list[str]
+    paths: list[Path]
+    maps: np.ndarray
+    masks: np.ndarray | None = None
+
+    def per_defect(self) -> dict[str, float]:
+        """Image AUROC of each defect type against the validation normals."""
+        out = {}
+        normal = self.labels == 0
+        for d in sorted(set(self.defects) - {"good"}):
+            sel = normal | np.array([x == d for x in self.defects])
+            out[d] = float(roc_auc_score(self.labels[sel], self.scores[sel]))
+        return out
+
+
+def evaluate_model(
+    model: CellscanModel, dataset: Dataset, *, calibrate: bool = True, max_pixels: int = 50_000_000
+) -> Evaluation:
+    """Score validation normals and known anomalies; calibrate the threshold when asked.
+
+    The validation error and the anomaly error of the original design are the mean scores of
+    the validation normals and of the known anomalies.
+
+    Raises:
+        DatasetError: the dataset has no validation normals.
+    """
+    samples = dataset.evaluation
+    if not dataset.validation:
+        msg = f"{dataset.root}: no validation normals to evaluate on (expected images in test/good or validation/)"
+        raise DatasetError(msg)
+    size, chans = model.image_size, model.channels
+    x = load_batch([s.path for s in samples], size=size, channels=chans, max_pixels=max_pixels)
+    res = model.score_arrays(x)
+    labels = np.array([s.label for s in samples])
+    normal, anomalous = res.scores[labels == 0], res.scores[labels == 1]
+    p = model.score_params
+    threshold = calibrate_threshold(normal, anomalous, p.threshold_quantile) if calibrate else model.threshold
+    metrics = image_metrics(labels, res.scores, threshold)
+    metrics["validation_error"] = float(normal.mean())
+    metrics["anomaly_error"] = float(anomalous.mean()) if len(anomalous) else float("nan")
+    metrics["n_normal"], metrics["n_anomaly"] = float(len(normal)), float(len(anomalous))
+    masks = None
+    if dataset.has_masks:
+        masks = np.stack([load_mask(s.mask, size) for s in samples])
+        metrics["pixel_auroc"] = pixel_auroc(res.maps, masks)
+    return Evaluation(threshold, metrics, labels, res.scores, [s.defect for s in samples],
+                      [s.path for s in samples], res.maps, masks)

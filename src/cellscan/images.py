@@ -1,0 +1,194 @@
+"""Load images from files or bytes into float arrays, with checks at the edge.
+
+Every image becomes ``float32`` of shape ``(H, W, C)`` in ``[0, 1]``, with ``C`` 1 (grayscale, the
+native case for CT) or 3 (RGB). 16-bit grayscale PNG/TIFF keep their full range: they are divided
+by 65535, not truncated to 8 bits first.
+
+Example:
+    >>> import numpy as np
+    >>> from cellscan.images import encode_png, load_image
+    >>> arr = load_image(encode_png(np.full((4, 6), 0.5, np.float32)), size=8)
+    >>> arr.shape, round(float(arr.mean()), 2)
+    ((8, 8, 1), 0.5)
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cellscan.errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "CMYK")
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    if len(data) == 0:
+        msg = f"{name}: empty file (0 bytes); expected a PNG, JPEG or TIFF image"
+        raise ImageError(msg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        msg = f"{name}: image too large; expected at most {max_pixels} pixels"
+        raise ImageError(msg) from None
+    except UnidentifiedImageError:
+        head = data[:8].hex()
+        msg = f"{name}: not an image (first bytes {head}); expected one of {', '.join(SUPPORTED_FORMATS)}"
+        raise ImageError(msg) from None
+    if img.format not in SUPPORTED_FORMATS:
+        msg = f"{name}: unsupported format {img.format}; expected one of {', '.join(SUPPORTED_FORMATS)}"
+        raise ImageError(msg)
+    w, h = img.size
+    if w * h > max_pixels:
+        msg = f"{name}: image has {w}x{h}={w * h} pixels; expected at most {max_pixels}"
+        raise ImageError(msg)
+    if w < 1 or h < 1:
+        msg = f"{name}: image has no pixels ({w}x{h})"
+        raise ImageError(msg)
+    if img.mode not in SUPPORTED_MODES:
+        msg = f"{name}: unsupported image mode {img.mode}; expected one of {', '.join(SUPPORTED_MODES)}"
+        raise ImageError(msg)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = f"{name}: truncated or corrupt {img.format} data ({exc})"
+        raise ImageError(msg) from None
+    return img
+
+
+def _to_float(img: Image.Image, channels: int) -> np.ndarray:
+    """Convert a decoded image to float32 (H, W, C) in [0, 1]."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        gray = np.clip(arr / top, 0.0, 1.0)
+        out = gray[..., None]
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            gray = arr
+        else:  # arbitrary float range (e.g. attenuation values): min-max scale
+            gray = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        out = gray[..., None]
+    elif mode in ("1", "L"):
+        out = np.asarray(img.convert("L"), dtype=np.float64)[..., None] / 255.0
+    else:
+        out = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    if channels == 1 and out.shape[-1] == 3:
+        out = (out @ np.array([0.299, 0.587, 0.114]))[..., None]
+    elif channels == 3 and out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return out.astype(np.float32)
+
+
+def resize(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a float (H, W, C) array to ``size`` (square int or (H, W)) with bilinear filtering."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if arr.shape[:2] == (h, w):
+        return arr.astype(np.float32, copy=False)
+    chans = [
+        np.asarray(Image.fromarray(arr[..., c].astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+        for c in range(arr.shape[-1])
+    ]
+    return np.stack(chans, axis=-1).astype(np.float32)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    size: int | None = None,
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "image",
+) -> np.ndarray:
+    """Decode encoded image bytes into float32 (H, W, C) in [0, 1].
+
+    Args:
+        data: PNG, JPEG, TIFF or BMP bytes; 8- or 16-bit grayscale, RGB(A) or palette.
+        size: resize to ``size x size`` when given.
+        channels: 1 (grayscale) or 3 (RGB); colour inputs are converted by luminance.
+        max_pixels: refuse images with more pixels than this (decompression bombs).
+        name: how the input is named in error messages.
+
+    Raises:
+        ImageError: empty, not an image, truncated, too large or of an unsupported mode.
+    """
+    if channels not in (1, 3):
+        msg = f"channels must be 1 or 3, got {channels}"
+        raise ImageError(msg)
+    img = _open(data, name, max_pixels)
+    arr = _to_float(img, channels)
+    return resize(arr, size) if size else arr
+
+
+def load_image(
+    source: str | Path | bytes,
+    *,
+    size: int | None = None,
+    channels: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Load an image from a path or from bytes; see :func:`decode_image`.
+
+    Raises:
+        ImageError: the path does not exist, or the content is not a usable image.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        return decode_image(bytes(source), size=size, channels=channels, max_pixels=max_pixels)
+    path = Path(source)
+    if not path.is_file():
+        msg = f"path does not exist or is not a file: {path}"
+        raise ImageError(msg)
+    return decode_image(path.read_bytes(), size=size, channels=channels, max_pixels=max_pixels, name=str(path))
+
+
+def load_mask(path: Path | None, size: int) -> np.ndarray:
+    """Load a binary ground-truth mask resized to ``size`` (nearest); all zeros when ``path`` is None."""
+    if path is None or not path.is_file():
+        return np.zeros((size, size), dtype=bool)
+    with Image.open(path) as img:
+        small = img.convert("L").resize((size, size), Image.NEAREST)
+    return np.asarray(small) > 127
+
+
+def load_batch(paths: list[Path], *, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Load many images into one (N, size, size, C) float32 array."""
+    out = np.empty((len(paths), size, size, channels), dtype=np.float32)
+    for i, p in enumerate(paths):
+        out[i] = load_image(p, size=size, channels=channels, max_pixels=max_pixels)
+    return out
+
+
+def to_uint(arr: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Quantise a [0, 1] float array to uint8 or uint16."""
+    top = 255 if bit_depth == 8 else 65535
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    return np.round(np.clip(arr, 0.0, 1.0) * top).astype(dtype)
+
+
+def encode_png(arr: np.ndarray, bit_depth: int = 8) -> bytes:
+    """Encode a [0, 1] float (H, W) or (H, W, C) array as PNG bytes (16-bit only for grayscale)."""
+    a = arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+    if bit_depth == 16 and a.ndim == 2:
+        img = Image.fromarray(to_uint(a, 16))
+    else:
+        img = Image.fromarray(to_uint(a, 8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(arr: np.ndarray, path: Path, bit_depth: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(arr, bit_depth))
