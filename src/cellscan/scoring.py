@@ -65,9 +65,10 @@ class MapStats:
         """Estimate from the raw maps of normal hold-out images (smoothed, with a floor on the spread)."""
         mean, std = {}, {}
         for k, m in maps.items():
-            mu = ndimage.gaussian_filter(m.mean(axis=0), 1.0)
+            mu = m.mean(axis=0)
             sd = np.sqrt(ndimage.gaussian_filter(m.var(axis=0), 1.0))
-            floor = max(float(np.median(sd)) * 0.5, 1e-6)
+            # A floor keeps pixels that happened to vary little in a small hold-out from exploding.
+            floor = max(0.5 * float(np.median(sd)), 0.1 * float(sd.mean()), 1e-6)
             mean[k], std[k] = mu.astype(np.float32), np.maximum(sd, floor).astype(np.float32)
         return cls(mean, std)
 

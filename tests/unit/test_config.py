@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cellscan.config import Params, load_params, parse_overrides
+from cellscan.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repo_params_load_into_typed_groups():
+    p = load_params(REPO / "params.yaml")
+    assert isinstance(p.train.epochs, int)
+    assert p.data.channels in (1, 3)
+    assert p.score.map in ("l2", "ssim", "l2_ssim")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("data:\n  channels: 4\n", r"data.channels must be 1 \(grayscale\) or 3 \(RGB\), got 4"),
+        ("train:\n  epochs: 0\n", "train.epochs must be between 1 and 10000, got 0"),
+        ("train:\n  epochz: 3\n", "unknown key"),
+        ("score:\n  map: l3\n", "score.map must be one of l2, ssim, l2_ssim"),
+        ("trian: {}\n", "unknown group"),
+        ("train:\n  epochs: three\n", "train.epochs must be int"),
+    ],
+)
+def test_bad_params_fail_with_a_message(tmp_path, yaml_text, needle):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=needle):
+        load_params(f)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "none.yaml")
+
+
+def test_overrides_are_checked_again():
+    p = Params().with_overrides(parse_overrides(["train.epochs=7", "score.map=ssim"]))
+    assert (p.train.epochs, p.score.map) == (7, "ssim")
+    with pytest.raises(ConfigError, match="model.depth"):
+        p.with_overrides({"model.depth": 9})
+
+
+def test_flat_names_every_param():
+    flat = Params().flat()
+    assert flat["base.seed"] == 42 and "score.topk" in flat

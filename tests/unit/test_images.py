@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellscan.errors import ImageError
+from cellscan.images import decode_image, encode_png, load_image
+
+
+def _bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_8bit_png_scaled_to_unit_range():
+    arr = np.array([[0, 128, 255]], dtype=np.uint8)
+    out = decode_image(_bytes(Image.fromarray(arr), "PNG"))
+    assert out.shape == (1, 3, 1)
+    np.testing.assert_allclose(out[0, :, 0], [0, 128 / 255, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_grayscale_keeps_its_precision(fmt):
+    # Two values 1/65535 apart would collapse into one if the loader went through 8 bits.
+    arr = np.array([[1000, 1001, 65535]], dtype=np.uint16)
+    out = decode_image(_bytes(Image.fromarray(arr), fmt))
+    assert out[0, 1, 0] - out[0, 0, 0] == pytest.approx(1 / 65535, rel=1e-3)
+    assert out[0, 2, 0] == pytest.approx(1.0)
+
+
+def test_rgb_jpeg_becomes_grayscale_or_rgb_as_asked():
+    img = Image.new("RGB", (10, 8), (255, 0, 0))
+    data = _bytes(img, "JPEG")
+    gray = decode_image(data, channels=1)
+    rgb = decode_image(data, channels=3)
+    assert gray.shape == (8, 10, 1) and rgb.shape == (8, 10, 3)
+    assert gray.mean() == pytest.approx(0.299, abs=0.03)  # luminance of pure red
+    assert rgb[..., 0].mean() > 0.9 > rgb[..., 1].mean()
+
+
+def test_resize_to_square():
+    out = load_image(encode_png(np.zeros((20, 40), np.float32)), size=16)
+    assert out.shape == (16, 16, 1) and out.dtype == np.float32
+
+
+def test_float_tiff_is_min_max_scaled():
+    arr = np.array([[-2.0, 0.0, 2.0]], dtype=np.float32)
+    out = decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"))
+    np.testing.assert_allclose(out[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"", "empty file"),  # zero bytes
+        (b"%PDF-1.4 not an image", "not an image"),  # another format
+        (encode_png(np.random.default_rng(0).random((64, 64)).astype(np.float32))[:120], "truncated"),
+    ],
+)
+def test_bad_bytes_raise_clear_errors(data, needle):
+    with pytest.raises(ImageError, match=needle):
+        decode_image(data)
+
+
+def test_pixel_limit_refuses_large_images():
+    data = encode_png(np.zeros((100, 100), np.float32))
+    with pytest.raises(ImageError, match=r"10000 pixels; expected at most 5000"):
+        decode_image(data, max_pixels=5000)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(ImageError, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_channels_must_be_1_or_3():
+    with pytest.raises(ImageError, match="channels must be 1 or 3, got 4"):
+        decode_image(encode_png(np.zeros((4, 4), np.float32)), channels=4)
