@@ -125,6 +125,40 @@ class ScoreParams:
         )
 
 
+GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """Champion/challenger rule: promote when no listed metric is worse than the champion's by more than tolerance."""
+
+    metrics: str = "image_auroc,f1"
+    tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        names = self.names
+        _check(bool(names), "gate.metrics", "a comma-separated list of metric names", self.metrics)
+        bad = [n for n in names if n not in GATE_METRICS]
+        _check(not bad, "gate.metrics", f"names from {', '.join(GATE_METRICS)}", self.metrics)
+        _check(0.0 <= self.tolerance <= 1.0, "gate.tolerance", "in [0, 1]", self.tolerance)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.metrics.split(",") if n.strip()]
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    mode: str = "finetune"  # finetune from the champion's weights, or fresh
+    epochs: int = 10
+    cron: str = "0 2 * * *"  # nightly schedule of the retrain deployment
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("finetune", "fresh"), "retrain.mode", "finetune or fresh", self.mode)
+        _check(1 <= self.epochs <= 10_000, "retrain.epochs", "between 1 and 10000", self.epochs)
+        _check(len(self.cron.split()) == 5, "retrain.cron", "a 5-field cron expression", self.cron)
+
+
 @dataclass(frozen=True)
 class Params:
     """All parameter groups of params.yaml."""
@@ -135,6 +169,8 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     score: ScoreParams = field(default_factory=ScoreParams)
+    gate: GateParams = field(default_factory=GateParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
@@ -261,6 +297,8 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Prefect's temporary local API needs longer than its default on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

@@ -32,29 +32,6 @@ def set_seeds(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def _loss(ssim_weight: float) -> Any:
-    """(1 - w) * MSE + w * (1 - SSIM), SSIM over 7x7 box windows (cheap on CPU, as in scikit-image)."""
-    import tensorflow as tf
-
-    c1, c2 = 0.01**2, 0.03**2
-
-    def box(t: Any) -> Any:
-        return tf.nn.avg_pool2d(t, ksize=7, strides=1, padding="VALID")
-
-    def loss(y_true: Any, y_pred: Any) -> Any:
-        mse = tf.reduce_mean(tf.square(y_true - y_pred), axis=[1, 2, 3])
-        if ssim_weight == 0:
-            return mse
-        mx, my = box(y_true), box(y_pred)
-        vx = box(y_true * y_true) - mx * mx
-        vy = box(y_pred * y_pred) - my * my
-        cxy = box(y_true * y_pred) - mx * my
-        ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-        return (1 - ssim_weight) * mse + ssim_weight * (1 - tf.reduce_mean(ssim, axis=[1, 2, 3]))
-
-    return loss
-
-
 def _batches(images: np.ndarray, params: Params, seed: int) -> Any:
     import keras
 
@@ -117,6 +94,7 @@ def fit_model(
     """
     import keras
 
+    from cellscan.losses import ReconstructionLoss
     from cellscan.model import build_autoencoder
 
     set_seeds(params.base.seed)
@@ -128,7 +106,7 @@ def fit_model(
     net = build_autoencoder(d.image_size, d.channels, params.model)
     if init_from is not None:
         net.set_weights(init_from.keras_model.get_weights())
-    net.compile(optimizer=keras.optimizers.Adam(params.train.learning_rate), loss=_loss(params.train.ssim_weight))
+    net.compile(optimizer=keras.optimizers.Adam(params.train.learning_rate), loss=ReconstructionLoss(params.train.ssim_weight))
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=params.train.patience, restore_best_weights=True
     )

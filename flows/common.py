@@ -1,0 +1,49 @@
+"""Tasks shared by the flows: each calls one cellscan.pipeline step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cellscan import pipeline
+from cellscan.config import Params, Settings, load_params, setup_offline
+
+setup_offline()
+
+
+def context(project: str, params_path: str, overrides: dict[str, Any] | None) -> tuple[Path, Params, Settings]:
+    root = Path(project).resolve()
+    p = Path(params_path)
+    params = load_params(p if p.is_absolute() else root / p, overrides)
+    return root, params, Settings.from_env(root)
+
+
+def data_root(project: Path, params: Params) -> Path:
+    d = Path(params.data.root)
+    return d if d.is_absolute() else project / d
+
+
+@task(name="version-data", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def version_data(project: Path) -> pipeline.DataVersion:
+    return pipeline.version_data(project)
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def register(settings: Settings, result: Any, params: Params, data: pipeline.DataVersion, project: Path,
+             run_name: str | None, kind: str) -> Any:
+    return pipeline.register(settings, result, params, data, project, run_name, kind)
+
+
+@task(name="champion-gate", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def gate(settings: Settings, registered: Any, params: Params, root: Path) -> dict[str, Any]:
+    return pipeline.gate(settings, registered, params, root)
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(params: Params, root: Path, init_from: Any = None) -> Any:
+    from cellscan.train import train
+
+    return train(params, root, init_from=init_from)

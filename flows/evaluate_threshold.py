@@ -1,0 +1,31 @@
+"""Prefect flow: re-evaluate the champion's errors and threshold on the current data (new version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from cellscan import pipeline
+from flows.common import context, data_root, version_data
+
+
+@task(name="reevaluate-threshold", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
+def reevaluate(settings: Any, params: Any, root: Any, data: Any, project: Any) -> dict[str, Any]:
+    return pipeline.reevaluate(settings, params, root, data, project)
+
+
+@flow(name="evaluate-threshold", log_prints=True)
+def evaluate_threshold_flow(project: str = ".", params_path: str = "params.yaml") -> dict[str, Any]:
+    """The original /anomaly semantics: new validation and anomaly errors, and a new threshold."""
+    root, params, settings = context(project, params_path, None)
+    with pipeline.training_lock(root):
+        data = version_data(root)
+        out = reevaluate(settings, params, data_root(root, params), data, root)
+    print(f"threshold {out['previous_threshold']:.4g} -> {out['threshold']:.4g} (version {out['version']})")
+    return out
+
+
+if __name__ == "__main__":
+    evaluate_threshold_flow()

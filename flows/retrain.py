@@ -1,0 +1,54 @@
+"""Prefect flow: take new scans from temp/ into the training set, retrain, gate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from cellscan import pipeline
+from flows.common import context, data_root, gate, register, train_model, version_data
+
+
+@task(name="intake-temp", cache_policy=NO_CACHE)
+def intake(root: Any) -> int:
+    return len(pipeline.intake_temp(root))
+
+
+@task(name="load-champion", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def champion(settings: Any, params: Any) -> Any:
+    return pipeline.finetune_source(settings, params)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(
+    project: str = ".",
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    require_new_images: bool = False,
+) -> dict[str, Any]:
+    """Move temp/ images into training (a new data version), fine-tune or train afresh, then gate."""
+    root, params, settings = context(project, params_path, overrides)
+    with pipeline.training_lock(root):
+        droot = data_root(root, params)
+        moved = intake(droot)
+        if moved == 0 and require_new_images:
+            print("no new images in temp/: nothing to retrain")
+            return {"moved": 0, "skipped": True}
+        data = version_data(root)
+        init = champion(settings, params)
+        p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
+        result = train_model(p, droot, init)
+        reg = register(settings, result, p, data, root, None, "retrain")
+        decision = gate(settings, reg, p, droot)
+    out = {"moved": moved, "version": reg.version, "data_hash": data.hash,
+           "new_validation_error": result.evaluation.metrics["validation_error"],
+           "new_anomaly_error": result.evaluation.metrics["anomaly_error"]} | decision
+    print(f"retrained on {moved} new images: version {reg.version} promoted={decision['promoted']}")
+    return out
+
+
+if __name__ == "__main__":
+    retrain_flow()

@@ -1,0 +1,109 @@
+"""Data versions with DVC: snapshot ``data/`` into ``data.dvc``, push to the remote, restore.
+
+The data version of a model is the md5 of the ``data`` directory as ``data.dvc`` records it.
+DVC runs as a subprocess (the ``dvc`` next to this Python), always inside the project folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from cellscan.errors import CellscanError
+
+logger = logging.getLogger(__name__)
+
+
+class VersioningError(CellscanError):
+    """A DVC or git command failed."""
+
+
+def _exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        msg = f"{name} not found; expected it next to {sys.executable} or on PATH"
+        raise VersioningError(msg)
+    return found
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check and res.returncode != 0:
+        msg = f"`{' '.join(cmd[:3])} ...` failed in {cwd}: {(res.stderr or res.stdout).strip()[-800:]}"
+        raise VersioningError(msg)
+    return res
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run([_exe("dvc"), *args], cwd, check)
+
+
+def init_repo(project: Path, remote: Path | None = None) -> None:
+    """Make ``project`` a git + DVC repository with a local default remote (idempotent)."""
+    project = project.resolve()
+    if not (project / ".git").exists():
+        _run(["git", "init", "-q"], project)
+    if not (project / ".dvc").is_dir():
+        dvc("init", "-q", cwd=project)
+    dvc("config", "core.analytics", "false", cwd=project)
+    dvc("config", "core.check_update", "false", cwd=project, check=False)
+    if remote is not None and not dvc("remote", "list", cwd=project).stdout.strip():
+        remote.mkdir(parents=True, exist_ok=True)
+        dvc("remote", "add", "-d", "local", str(remote.resolve()), cwd=project)
+
+
+def data_hash(project: Path, target: str = "data") -> str | None:
+    """The md5 that ``<target>.dvc`` records, or None when there is no such file."""
+    f = project / f"{target}.dvc"
+    if not f.is_file():
+        return None
+    outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
+    md5 = outs[0].get("md5")
+    return str(md5) if md5 else None
+
+
+def snapshot(project: Path, target: str = "data", push: bool = True) -> str:
+    """Record the current content of ``target`` as a data version; returns its hash.
+
+    Every version stays in the DVC cache (and on the remote when pushing works), so adding images
+    never loses an earlier version.
+    """
+    dvc("add", "-q", target, cwd=project)
+    if push:
+        res = dvc("push", "-q", f"{target}.dvc", cwd=project, check=False)
+        if res.returncode != 0:
+            logger.warning("dvc push failed (data stays in the local cache): %s", res.stderr.strip()[-300:])
+    h = data_hash(project, target)
+    if h is None:
+        msg = f"dvc add did not write {target}.dvc in {project}"
+        raise VersioningError(msg)
+    logger.info("data version %s", h)
+    return h
+
+
+def restore(project: Path, dvc_file_text: str, target: str = "data") -> str:
+    """Bring ``target`` back to the version a saved ``.dvc`` file names (cache first, then the remote)."""
+    (project / f"{target}.dvc").write_text(dvc_file_text)
+    res = dvc("checkout", "-q", "--force", f"{target}.dvc", cwd=project, check=False)
+    if res.returncode != 0:
+        dvc("pull", "-q", "--force", f"{target}.dvc", cwd=project)
+    h = data_hash(project, target)
+    return h or ""
+
+
+def pull(project: Path, target: str = "data") -> bool:
+    """Try to fetch ``target`` from the cache or remote; False when neither has it."""
+    return dvc("pull", "-q", f"{target}.dvc", cwd=project, check=False).returncode == 0
+
+
+def git_commit(project: Path) -> str:
+    res = _run(["git", "rev-parse", "HEAD"], project, check=False)
+    return res.stdout.strip() if res.returncode == 0 else "unknown"
