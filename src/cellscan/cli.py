@@ -23,13 +23,15 @@ from cellscan.errors import CellscanError
 
 app = typer.Typer(help="cellscan: anomaly detection for CT/X-ray scans of battery cells.", no_args_is_help=True)
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a param: group.key=value.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Model directory.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Model directory, or models:/cellscan@champion (or /<version>).")
+]
 
 
 def _boundary(fn: F) -> F:
@@ -80,6 +82,25 @@ def _dump(obj: Any) -> None:
         return v
 
     out.print_json(json.dumps(clean(obj)))
+
+
+def _load_model(ref: str) -> Any:
+    """A model directory, or a registry reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    from cellscan.artifact import CellscanModel
+
+    if not ref.startswith("models:/"):
+        return CellscanModel.load_dir(Path(ref))
+    from dataclasses import replace
+
+    from cellscan import registry
+    from cellscan.config import Settings
+
+    name, sep, alias = ref.removeprefix("models:/").partition("@")
+    if not sep:
+        name, _, alias = name.partition("/")
+    settings = replace(Settings.from_env(), model_name=name)
+    model, _ = registry.load_model(settings, alias)
+    return model
 
 
 @app.command()
@@ -166,26 +187,28 @@ def train(
 @app.command()
 @_boundary
 def evaluate(
-    model_dir: ModelOpt = Path("models/latest"),
+    model_dir: ModelOpt = "models/latest",
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     calibrate: Annotated[bool, typer.Option(help="Recalibrate the threshold on this data.")] = False,
     metrics_file: Annotated[Path | None, typer.Option("--metrics", help="Also write metrics JSON here.")] = None,
+    plots_dir: Annotated[Path | None, typer.Option("--plots", help="Write roc.csv and scores.csv here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score the validation normals and known anomalies; print image and pixel metrics."""
-    from cellscan.artifact import CellscanModel
     from cellscan.data import load_dataset
     from cellscan.evaluate import evaluate_model
 
     p = load_params(params)
-    model = CellscanModel.load_dir(model_dir)
+    model = _load_model(model_dir)
     ds = load_dataset(data or Path(p.data.root))
     with console.status(f"scoring {len(ds.evaluation)} images"):
         ev = evaluate_model(model, ds, calibrate=calibrate, max_pixels=p.data.max_pixels)
     if metrics_file:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text(json.dumps(ev.metrics, indent=2))
+    if plots_dir:
+        _write_plots(ev, plots_dir)
     per_defect = ev.per_defect() if ds.anomalies else {}
     if as_json:
         _dump(ev.metrics | {"per_defect_auroc": per_defect})
@@ -195,18 +218,65 @@ def evaluate(
             out.print(_metrics_table("image AUROC per defect type", per_defect))
 
 
+def _write_plots(ev: Any, folder: Path) -> None:
+    """CSV files for ``dvc plots``: the ROC curve and every image's score."""
+    import csv
+
+    from cellscan.evaluate import roc_points
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "scores.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "defect", "label", "score"])
+        for p, d, lab, sc in zip(ev.paths, ev.defects, ev.labels, ev.scores, strict=True):
+            w.writerow([Path(p).name, d, int(lab), f"{sc:.6g}"])
+    if len(set(ev.labels.tolist())) == 2:
+        pts = roc_points(ev.labels, ev.scores)
+        with (folder / "roc.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["fpr", "tpr"])
+            w.writerows(zip(pts["fpr"], pts["tpr"], strict=True))
+
+
+@app.command()
+@_boundary
+def prepare(
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")] = None,
+    manifest: Annotated[Path, typer.Option("--out", "-o", help="Manifest JSON to write.")] = Path(
+        "runs/prepared.json"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Check every image of the dataset decodes, and write a manifest of roles and the hold-out split."""
+    from cellscan.data import load_dataset
+    from cellscan.images import load_image
+
+    p = load_params(params)
+    ds = load_dataset(data or Path(p.data.root))
+    paths = ds.train + [s.path for s in ds.evaluation] + ds.temp
+    for path in paths:
+        load_image(path, max_pixels=p.data.max_pixels)
+    fit, hold = ds.split_train(p.data.val_fraction, p.base.seed)
+    body = {
+        "root": str(ds.root), "layout": ds.layout, "counts": ds.summary(),
+        "fit": [x.name for x in fit], "holdout": [x.name for x in hold],
+        "defects": sorted({s.defect for s in ds.anomalies}),
+    }
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(body, indent=2))
+    out.print(_metrics_table(f"{ds.root} ({ds.layout} layout): {len(paths)} images decode", ds.summary()))
+
+
 @app.command()
 @_boundary
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to score.")],
-    model_dir: ModelOpt = Path("models/latest"),
+    model_dir: ModelOpt = "models/latest",
     heatmaps: Annotated[Path | None, typer.Option(help="Write heatmap overlays (PNG) to this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score images: is_anomaly, reconstruction_error and the threshold for each."""
-    from cellscan.artifact import CellscanModel
-
-    model = CellscanModel.load_dir(model_dir)
+    model = _load_model(model_dir)
     res = model.score_images(images)
     rows = [{"image": str(path)} | res.record(i) for i, path in enumerate(images)]
     if heatmaps:
@@ -226,6 +296,73 @@ def predict(
         flag = "[red]ANOMALY[/red]" if r["is_anomaly"] else "[green]normal[/green]"
         t.add_row(r["image"], f"{r['reconstruction_error']:.4g}", flag)
     out.print(t)
+
+
+models_app = typer.Typer(help="The MLflow model registry: versions, champion, rollback.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _settings() -> Any:
+    from cellscan.config import Settings
+
+    return Settings.from_env()
+
+
+@models_app.command("list")
+@_boundary
+def models_list(as_json: JsonOpt = False) -> None:
+    """Registered versions with their aliases, metrics and data version."""
+    from cellscan import registry
+
+    rows = registry.list_versions(_settings())
+    if as_json:
+        _dump(rows)
+        return
+    t = Table(title=f"registered model {_settings().model_name} ({_settings().tracking_uri})")
+    for col in ("version", "aliases", "kind", "image_auroc", "f1", "threshold", "data_hash", "gate"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["version"]), ",".join(r["aliases"]), r["kind"], _num(r["image_auroc"]), _num(r["f1"]),
+                  _num(r["threshold"]), r["data_hash"][:12], r["gate"][:60])
+    out.print(t)
+
+
+@models_app.command("promote")
+@_boundary
+def models_promote(version: Annotated[int, typer.Argument(help="Version to make champion.")]) -> None:
+    """Make VERSION the champion (the previous one is remembered for rollback)."""
+    from cellscan import registry
+
+    prev = registry.promote(_settings(), version, "manual promotion")
+    out.print(f"champion: version {prev} -> {version}")
+
+
+@models_app.command("rollback")
+@_boundary
+def models_rollback(
+    version: Annotated[int | None, typer.Argument(help="Version to roll back to (default: previous champion).")] = None,
+) -> None:
+    """Move the champion alias back to VERSION, or to the previous champion."""
+    from cellscan import registry
+
+    v = registry.rollback(_settings(), version)
+    out.print(f"champion is now version {v}")
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """Start the MLflow UI on the local store (or MLFLOW_TRACKING_URI)."""
+    import os
+    import subprocess
+
+    s = _settings()
+    if s.tracking_uri.startswith("sqlite:///"):
+        Path(s.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).parent / "mlflow"
+    console.print(f"MLflow UI: http://127.0.0.1:{port}  (store {s.tracking_uri})")
+    cmd = [str(exe), "ui", "--backend-store-uri", s.tracking_uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    raise typer.Exit(subprocess.call(cmd, env=os.environ))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,18 @@ def client(settings: Settings) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _experiment(mc: MlflowClient, settings: Settings, name: str) -> None:
+    """Use experiment ``name``; with the sqlite store its artifacts go beside the database (mlflow/artifacts)."""
+    import mlflow
+
+    if mc.get_experiment_by_name(name) is None:
+        location = None
+        if settings.tracking_uri.startswith("sqlite:///"):
+            location = (Path(settings.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        mc.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
@@ -87,7 +99,7 @@ def log_and_register(
     from cellscan import plots
 
     mc = client(settings)
-    mlflow.set_experiment(experiment)
+    _experiment(mc, settings, experiment)
     metrics = _finite(evaluation.metrics)
     tags = {
         "cellscan.kind": kind,

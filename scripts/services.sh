@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Start / stop the long-running parts on 127.0.0.1: MLflow UI, Prefect server + worker (+ the
+# scheduled retrain deployment). Logs and pids in runs/services/.
+#   scripts/services.sh start|stop|status
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+export PREFECT_HOME=${PREFECT_HOME:-$PWD/.prefect}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+PREFECT_PORT=${PREFECT_PORT:-4200}
+dir=runs/services
+mkdir -p "$dir" mlflow
+
+running() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+launch() { # name, command...
+  local name=$1; shift
+  if running "$name"; then return 0; fi
+  setsid nohup "$@" >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+wait_http() { # url, seconds
+  for _ in $(seq "$2"); do
+    python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null && return 0
+    sleep 1
+  done
+  echo "services: $1 did not answer in $2 s (see $dir/)" >&2; return 1
+}
+
+case "${1:-start}" in
+  start)
+    store=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow/mlflow.db}
+    launch mlflow mlflow ui --backend-store-uri "$store" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+    launch prefect prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
+    wait_http "http://127.0.0.1:$PREFECT_PORT/api/health" 90
+    export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+    prefect work-pool inspect cellscan >/dev/null 2>&1 || prefect work-pool create cellscan --type process >/dev/null
+    python -m flows.deploy --pool cellscan
+    launch worker prefect worker start --pool cellscan
+    wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90
+    echo "MLflow UI:  http://127.0.0.1:$MLFLOW_PORT"
+    echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT  (deployment retrain/scheduled-retrain)"
+    ;;
+  stop)
+    for name in worker prefect mlflow; do
+      if running "$name"; then
+        pid=$(cat "$dir/$name.pid")
+        kill -TERM -- "-$pid" 2>/dev/null || true; sleep 1; kill -TERM -- "-$pid" 2>/dev/null || true
+      fi
+      rm -f "$dir/$name.pid"
+    done
+    echo "services stopped"
+    ;;
+  status)
+    for name in mlflow prefect worker; do
+      if running "$name"; then echo "$name: running (pid $(cat "$dir/$name.pid"))"; else echo "$name: stopped"; fi
+    done
+    ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
