@@ -1,0 +1,49 @@
+"""A temporary git + DVC project with a sqlite MLflow store, and Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cellscan.config import Settings
+from cellscan.synth import generate
+from cellscan.versioning import init_repo
+from tests.conftest import tiny_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def make_project(root: Path, **overrides: object) -> Path:
+    """A project folder: params.yaml, synthetic data/cells, git + DVC with a local remote."""
+    params = tiny_params(**overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    s = params.synth
+    generate(root / "data" / "cells", size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
+             n_per_defect=s.n_per_defect, seed=11)
+    init_repo(root, root.parent / f"{root.name}-remote")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CELLSCAN_MODEL_NAME", raising=False)
+    return make_project(tmp_path / "proj")
+
+
+@pytest.fixture
+def settings(project: Path) -> Settings:
+    return Settings.from_env(project)
