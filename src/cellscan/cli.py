@@ -349,6 +349,34 @@ def models_rollback(
     out.print(f"champion is now version {v}")
 
 
+client_app = typer.Typer(help="Talk to a running cellscan service.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+
+
+@client_app.command("predict")
+@_boundary
+def client_predict(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    url: Annotated[str, typer.Option(help="Service address.")] = "http://127.0.0.1:3000",
+    out_csv: Annotated[Path, typer.Option("--out", help="Results CSV.")] = Path("results.csv"),
+    events: Annotated[Path, typer.Option(help="Events log (JSON lines).")] = Path("events.log"),
+    workers: Annotated[int, typer.Option(help="Concurrent requests.")] = 4,
+    api_key: Annotated[str | None, typer.Option(envvar="CELLSCAN_API_KEY", help="API key.")] = None,
+) -> None:
+    """Send every image of FOLDER to /predict (3 tries with backoff); write results.csv and an events log."""
+    from cellscan.client import predict_folder
+    from cellscan.errors import DatasetError
+
+    if not folder.is_dir():
+        msg = f"folder does not exist: {folder}"
+        raise DatasetError(msg)
+    s = predict_folder(folder, url, out_csv, events, workers=workers, api_key=api_key)
+    out.print(f"{s.images} images: {s.ok} scored ({s.anomalies} anomalies), {s.failed} failed -> {out_csv}")
+    out.print(f"process time {s.seconds:.2f} s, {1000 * s.per_prediction:.1f} ms per prediction")
+    if s.failed:
+        raise typer.Exit(1)
+
+
 @app.command("mlflow-ui")
 def mlflow_ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """Start the MLflow UI on the local store (or MLFLOW_TRACKING_URI)."""

@@ -79,21 +79,27 @@ def intake_temp(data_root: Path) -> list[Path]:
 def add_images(data_root: Path, role: str, files: list[tuple[str, bytes]], defect: str = "anomaly") -> list[Path]:
     """Store encoded images under a role's folder (``temp`` for new normals, ``anomaly`` for defects).
 
-    Names get a time stamp and counter so nothing already stored is overwritten.
+    The bytes are kept as sent (16-bit stays 16-bit), under a unique name with the suffix of the
+    decoded format; each file is written to a temporary name first and renamed, so a crash never
+    leaves half a file and two requests never overwrite each other.
     """
+    import io
+    import uuid
+
+    from PIL import Image
+
+    suffixes = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
     ds = load_dataset(data_root)
     folder = data_root / folder_for(ds.layout, role, defect)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = []
-    for i, (name, data) in enumerate(files):
-        stem = Path(name).stem or "image"
-        target = folder / f"{stamp}_{i:04d}_{stem}.png"
-        n = 0
-        while target.exists():
-            n += 1
-            target = folder / f"{stamp}_{i:04d}_{stem}_{n}.png"
-        tmp = target.with_suffix(".part")
+    for name, data in files:
+        with Image.open(io.BytesIO(data)) as img:
+            suffix = suffixes.get(img.format or "", ".png")
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem)[:40] or "image"
+        target = folder / f"{stamp}_{uuid.uuid4().hex[:8]}_{stem}{suffix}"
+        tmp = folder / f".{target.name}.part"
         tmp.write_bytes(data)
         tmp.rename(target)
         out.append(target)

@@ -1,0 +1,246 @@
+"""cellscan's HTTP service (BentoML): predictions from the MLflow champion, retraining, rollback.
+
+    bentoml serve service.service:Cellscan --host 127.0.0.1 --port 3000     (docs at /docs)
+
+Endpoint bodies validate, call cellscan, and answer; the logic lives in src/cellscan.
+Environment: CELLSCAN_HOME (project folder, default cwd), MLFLOW_TRACKING_URI, CELLSCAN_API_KEY
+(required on /retrain, /anomaly, /rollback when set), CELLSCAN_URL_ALLOWLIST, CELLSCAN_FILE_URL_DIR,
+CELLSCAN_POLL_SECONDS (champion check interval).
+"""
+
+
+import asyncio
+import base64
+import os
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
+from fastapi import FastAPI, HTTPException
+from pydantic import Field
+
+# Upload fields are typed `Path` with a None default: BentoML 1.4.39 fails on Optional[Path]
+# (unhashable FileSchema inside typing.Union) and ignores uploads inside PEP 604 `Path | None`.
+
+ops = FastAPI(title="cellscan operations")
+_SERVICES: list[Any] = []
+
+
+class BadRequest(InvalidArgument):
+    """HTTP 400 with cellscan's message."""
+
+
+def _svc() -> Any:
+    if not _SERVICES:
+        raise HTTPException(503, "service is starting")
+    return _SERVICES[0]
+
+
+@ops.get("/models")
+def models() -> dict[str, Any]:
+    """Registered versions with aliases and metrics, and the version being served."""
+    from cellscan import registry
+
+    s = _svc()
+    return {"serving": s.holder.version, "versions": registry.list_versions(s.settings)}
+
+
+@ops.get("/jobs/{job_id}")
+def job(job_id: str) -> dict[str, Any]:
+    """Status and result of a /retrain or /anomaly job."""
+    j = _svc().jobs.get(job_id)
+    if j is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return j.view()
+
+
+@ops.get("/health")
+def health() -> dict[str, Any]:
+    """Liveness plus the served model (BentoML's /readyz and /livez answer too)."""
+    s = _svc()
+    return {"status": "ok" if s.holder.version else "no_model", "model_version": s.holder.version,
+            "model_name": s.settings.model_name, "last_error": s.holder.last_error}
+
+
+@bentoml.service(name="cellscan", traffic={"timeout": 3600, "max_concurrency": 256}, workers=1)
+@bentoml.asgi_app(ops, path="/ops")
+class Cellscan:
+    def __init__(self) -> None:
+        from cellscan.config import Settings, load_params, setup_offline
+
+        setup_offline()
+        from cellscan.fetch import FetchPolicy
+        from cellscan.serving import Batcher, Jobs, ModelHolder
+
+        self.project = Path(os.environ.get("CELLSCAN_HOME", ".")).resolve()
+        self.settings = Settings.from_env(self.project)
+        self.params = load_params(self.project / "params.yaml")
+        self.policy = FetchPolicy.from_env()
+        self.holder = ModelHolder(self.settings, float(os.environ.get("CELLSCAN_POLL_SECONDS", "10")))
+        self.jobs = Jobs()
+        self.m_pred = bentoml.metrics.Counter("cellscan_predictions_total", "Predictions by outcome", ["result"])
+        self.m_score = bentoml.metrics.Histogram("cellscan_score", "Image scores (reconstruction_error)",
+                                                 buckets=(-2, -1, 0, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, float("inf")))
+        self.m_latency = bentoml.metrics.Histogram("cellscan_predict_seconds", "Per-image prediction latency")
+        self.m_batch = bentoml.metrics.Histogram("cellscan_batch_size", "Images per model call",
+                                                 buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")))
+        self.m_rate = bentoml.metrics.Gauge("cellscan_anomaly_rate", "Share of anomalies in the last 1000 predictions")
+        self._recent: list[bool] = []
+        self.batcher = Batcher(self.holder, on_batch=self.m_batch.observe)
+        _SERVICES[:] = [self]
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _check_key(self, ctx: bentoml.Context) -> None:
+        from cellscan.serving import api_key
+
+        want = api_key()
+        if want is None:
+            return
+        got = ctx.request.headers.get("x-api-key")
+        if got is None:
+            raise BentoMLException("missing API key: send it in the X-API-Key header",
+                                   error_code=HTTPStatus.UNAUTHORIZED)
+        if got != want:
+            raise BentoMLException("wrong API key", error_code=HTTPStatus.FORBIDDEN)
+
+    def _bytes(self, image_url: str | None, image: Path | None) -> tuple[str, bytes]:
+        from cellscan.errors import CellscanError
+        from cellscan.fetch import fetch
+
+        if (image_url is None) == (image is None):
+            raise BadRequest("send exactly one of image_url (JSON) or image (multipart upload)")
+        try:
+            if image is not None:
+                return image.name, image.read_bytes()
+            return image_url.rsplit("/", 1)[-1] or "image", fetch(image_url, self.policy)  # type: ignore[union-attr]
+        except CellscanError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _decode(self, name: str, data: bytes) -> Any:
+        from cellscan.errors import CellscanError
+
+        model, _ = self._model()
+        try:
+            return model.load(data, max_pixels=self.params.data.max_pixels)
+        except CellscanError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
+
+    def _model(self) -> Any:
+        from cellscan.serving import NoModelError
+
+        try:
+            return self.holder.current()
+        except NoModelError as exc:
+            raise ServiceUnavailable(str(exc)) from None
+
+    async def _one(self, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        x = await asyncio.to_thread(self._decode, name, data)
+        record, amap, version = await self.batcher.score(x)
+        record["model_version"] = version
+        if heatmap:
+            from cellscan.viz import overlay_png
+
+            record["heatmap_png"] = base64.b64encode(overlay_png(x, amap, record["threshold"])).decode()
+        self.m_latency.observe(time.perf_counter() - t0)
+        self.m_score.observe(record["reconstruction_error"])
+        self.m_pred.labels(result="anomaly" if record["is_anomaly"] else "normal").inc()
+        self._recent = [*self._recent[-999:], record["is_anomaly"]]
+        self.m_rate.set(sum(self._recent) / len(self._recent))
+        return record
+
+    # -- endpoints --------------------------------------------------------------------------
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        image_url: str | None = Field(None, description="http(s) URL of one image"),
+        image: Path = Field(None, description="one uploaded image (multipart)"),
+        image_urls: list[str] = Field(default_factory=list, description="a batch of image URLs"),
+        images: list[Path] = Field(default_factory=list, description="a batch of uploaded images (multipart)"),
+        heatmap: bool = Field(False, description="add a base64 PNG heatmap overlay per image"),
+    ) -> Any:
+        """Score one image (answer: an object) or a batch (answer: a list)."""
+        self._model()
+        if image_urls or images:
+            if image_url is not None or image is not None:
+                raise BadRequest("send either one image (image_url / image) or a batch (image_urls / images)")
+            items = [(u, None) for u in image_urls] + [(None, p) for p in images]
+            if len(items) > 256:
+                raise BadRequest(f"a batch holds at most 256 images, got {len(items)}")
+            blobs = [await asyncio.to_thread(self._bytes, u, p) for u, p in items]
+            return list(await asyncio.gather(*(self._one(n, b, heatmap) for n, b in blobs)))
+        name, data = await asyncio.to_thread(self._bytes, image_url, image)
+        return await self._one(name, data, heatmap)
+
+    def _store_and_run(self, kind: str, role: str, image_url: str | None, image: Path | None, wait: bool,
+                       defect: str = "anomaly") -> dict[str, Any]:
+        from cellscan import pipeline
+
+        name, data = self._bytes(image_url, image)
+        self._decode(name, data)  # refuse what is not an image before storing anything
+        root = self.project / self.params.data.root
+        stored = pipeline.add_images(root, role, [(name, data)], defect=defect)
+
+        def run() -> dict[str, Any]:
+            if kind == "retrain":
+                from flows.retrain import retrain_flow
+
+                out = retrain_flow(project=str(self.project))
+            else:
+                from flows.evaluate_threshold import evaluate_threshold_flow
+
+                out = evaluate_threshold_flow(project=str(self.project))
+            self.holder.refresh()
+            return out
+
+        job = self.jobs.submit(kind, run)
+        head = {"job_id": job.id, "stored": [str(p.relative_to(self.project)) for p in stored]}
+        if not wait:
+            return head | {"status": job.status}
+        self.jobs.wait(job)
+        if job.status == "failed":
+            raise BentoMLException(f"{kind} failed: {job.error}; the champion keeps serving")
+        res = job.result or {}
+        keys = ("new_validation_error", "new_anomaly_error", "threshold", "version", "promoted", "reason")
+        return head | {"status": job.status} | {k: res[k] for k in keys if k in res}
+
+    @bentoml.api(route="/retrain")
+    def retrain(
+        self,
+        ctx: bentoml.Context,
+        image_url: str | None = Field(None, description="URL of a new normal image"),
+        image: Path = Field(None, description="an uploaded new normal image"),
+        wait: bool = Field(True, description="wait for the retraining (false: answer a job id at once)"),
+    ) -> dict[str, Any]:
+        """Store a new normal image and retrain: {new_validation_error, new_anomaly_error}."""
+        self._check_key(ctx)
+        return self._store_and_run("retrain", "temp", image_url, image, wait)
+
+    @bentoml.api(route="/anomaly")
+    def anomaly(
+        self,
+        ctx: bentoml.Context,
+        image_url: str | None = Field(None, description="URL of a known anomaly"),
+        image: Path = Field(None, description="an uploaded known anomaly"),
+        defect: str = Field("anomaly", description="defect type (folder name)", pattern=r"^[A-Za-z0-9_-]{1,40}$"),
+        wait: bool = Field(True, description="wait for the re-evaluation (false: answer a job id at once)"),
+    ) -> dict[str, Any]:
+        """Store a known anomaly and re-evaluate errors and threshold: a new model version."""
+        self._check_key(ctx)
+        return self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
+
+    @bentoml.api(route="/rollback")
+    def rollback(self, ctx: bentoml.Context, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
+        """Move the champion alias back (to ``version``, or to the previous champion)."""
+        from cellscan import registry
+
+        self._check_key(ctx)
+        try:
+            v = registry.rollback(self.settings, version)
+        except registry.RegistryError as exc:
+            raise NotFound(str(exc)) from None
+        self.holder.refresh()
+        return {"champion": v, "serving": self.holder.version}

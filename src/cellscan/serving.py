@@ -1,0 +1,205 @@
+"""Serving state behind the BentoML service: the champion, batching, jobs and metrics.
+
+- :class:`ModelHolder` keeps the MLflow champion loaded and swaps in a new one when the alias moves
+  (promotion, rollback), by polling and on demand. A request keeps the model object it started
+  with, so a swap never drops requests in flight.
+- :class:`Batcher` gathers concurrent predictions for a few milliseconds and scores them in one
+  model call (adaptive batching: the batch grows with the load).
+- :class:`Jobs` runs retraining and re-evaluation one at a time in a background thread, so they
+  never block predictions and never run two trainings over the same data at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cellscan import registry
+from cellscan.artifact import CellscanModel
+from cellscan.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class NoModelError(registry.RegistryError):
+    """No champion is registered yet."""
+
+
+class ModelHolder:
+    """The current champion, reloaded when the alias moves."""
+
+    def __init__(self, settings: Settings, poll_seconds: float = 10.0) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._model: CellscanModel | None = None
+        self._version: int | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self.refresh()
+        if poll_seconds > 0:
+            threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True, name="champion-poll").start()
+
+    def _poll(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.refresh()
+            except Exception as exc:  # keep serving the model we have
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("champion refresh failed: %s", self.last_error)
+
+    def refresh(self) -> int | None:
+        """Load the champion if the alias points elsewhere than the loaded version; returns the version."""
+        version = registry.champion_version(self.settings)
+        if version is None or version == self._version:
+            return self._version
+        model, loaded = registry.load_model(self.settings, version)
+        with self._lock:
+            self._model, self._version = model, loaded
+        self.last_error = None
+        logger.info("serving champion version %s", loaded)
+        return loaded
+
+    def current(self) -> tuple[CellscanModel, int]:
+        with self._lock:
+            model, version = self._model, self._version
+        if model is None or version is None:
+            msg = f"no champion of model {self.settings.model_name!r} is registered yet; train one first"
+            raise NoModelError(msg)
+        return model, version
+
+    @property
+    def version(self) -> int | None:
+        return self._version
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[Any]
+
+
+class Batcher:
+    """Adaptive batching: one model call for the requests that arrive within ``max_latency_ms``."""
+
+    def __init__(self, holder: ModelHolder, max_batch: int = 32, max_latency_ms: float = 5.0,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.holder = holder
+        self.max_batch = max_batch
+        self.max_latency = max_latency_ms / 1000
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._task: asyncio.Task[None] | None = None
+
+    async def score(self, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray, int]:
+        """Score one preprocessed image: (record, anomaly map, model version)."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(x, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            deadline = loop.time() + self.max_latency
+            while len(items) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            try:
+                results = await loop.run_in_executor(self._executor, self._score_batch, [i.x for i in items])
+                for item, res in zip(items, results, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(res)
+            except Exception as exc:
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _score_batch(self, xs: list[np.ndarray]) -> list[tuple[dict[str, Any], np.ndarray, int]]:
+        model, version = self.holder.current()
+        res = model.score_arrays(np.stack(xs))
+        if self.on_batch:
+            self.on_batch(len(xs))
+        return [(res.record(i), res.maps[i], version) for i in range(len(xs))]
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    status: str = "queued"  # queued | running | done | failed
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
+                "finished": self.finished, "result": self.result, "error": self.error}
+
+
+class Jobs:
+    """Background jobs, run one at a time in submission order."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._order: deque[str] = deque(maxlen=keep)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
+
+    def submit(self, kind: str, fn: Callable[[], dict[str, Any]]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind)
+        if len(self._order) == self._order.maxlen:
+            self._jobs.pop(self._order[0], None)
+        self._order.append(job.id)
+        self._jobs[job.id] = job
+
+        def run() -> None:
+            job.status = "running"
+            try:
+                job.result = fn()
+                job.status = "done"
+            except Exception as exc:
+                job.error = f"{type(exc).__name__}: {exc}"
+                job.status = "failed"
+                logger.error("job %s (%s) failed:\n%s", job.id, kind, traceback.format_exc())
+            finally:
+                job.finished = time.time()
+
+        job.future = self._executor.submit(run)  # type: ignore[attr-defined]
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def wait(self, job: Job, timeout: float | None = None) -> Job:
+        job.future.result(timeout)  # type: ignore[attr-defined]
+        return job
+
+
+def api_key() -> str | None:
+    key = os.environ.get("CELLSCAN_API_KEY", "").strip()
+    return key or None
