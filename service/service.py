@@ -66,7 +66,7 @@ def health() -> dict[str, Any]:
 
 
 @bentoml.service(name="cellscan", traffic={"timeout": 3600, "max_concurrency": 256}, workers=1)
-@bentoml.asgi_app(ops, path="/ops")
+@bentoml.asgi_app(ops, path="/")
 class Cellscan:
     def __init__(self) -> None:
         from cellscan.config import Settings, load_params, setup_offline
