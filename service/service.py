@@ -13,7 +13,6 @@ import asyncio
 import base64
 import os
 import time
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,36 @@ def health() -> dict[str, Any]:
             "model_name": s.settings.model_name, "last_error": s.holder.last_error}
 
 
+class ApiKeyMiddleware:
+    """Mutating routes need the X-API-Key header when CELLSCAN_API_KEY is set (401 missing, 403 wrong).
+
+    An ASGI middleware rather than a check in the endpoint, because BentoML replaces the message of
+    401/403 errors raised in endpoints with a generic one.
+    """
+
+    PROTECTED = ("/retrain", "/anomaly", "/rollback")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from cellscan.serving import api_key
+
+        want = api_key()
+        if scope["type"] == "http" and want and scope["path"].rstrip("/") in self.PROTECTED:
+            from starlette.responses import JSONResponse
+
+            headers = dict(scope.get("headers") or [])
+            got = headers.get(b"x-api-key")
+            if got is None:
+                resp = JSONResponse({"error": "missing API key: send it in the X-API-Key header"}, status_code=401)
+                return await resp(scope, receive, send)
+            if got.decode("latin-1") != want:
+                resp = JSONResponse({"error": "wrong API key (X-API-Key header)"}, status_code=403)
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 @bentoml.service(name="cellscan", traffic={"timeout": 3600, "max_concurrency": 256}, workers=1)
 @bentoml.asgi_app(ops, path="/")
 class Cellscan:
@@ -93,19 +122,6 @@ class Cellscan:
         _SERVICES[:] = [self]
 
     # -- helpers ----------------------------------------------------------------------------
-    def _check_key(self, ctx: bentoml.Context) -> None:
-        from cellscan.serving import api_key
-
-        want = api_key()
-        if want is None:
-            return
-        got = ctx.request.headers.get("x-api-key")
-        if got is None:
-            raise BentoMLException("missing API key: send it in the X-API-Key header",
-                                   error_code=HTTPStatus.UNAUTHORIZED)
-        if got != want:
-            raise BentoMLException("wrong API key", error_code=HTTPStatus.FORBIDDEN)
-
     def _bytes(self, image_url: str | None, image: Path | None) -> tuple[str, bytes]:
         from cellscan.errors import CellscanError
         from cellscan.fetch import fetch
@@ -210,37 +226,35 @@ class Cellscan:
     @bentoml.api(route="/retrain")
     def retrain(
         self,
-        ctx: bentoml.Context,
         image_url: str | None = Field(None, description="URL of a new normal image"),
         image: Path = Field(None, description="an uploaded new normal image"),
         wait: bool = Field(True, description="wait for the retraining (false: answer a job id at once)"),
     ) -> dict[str, Any]:
         """Store a new normal image and retrain: {new_validation_error, new_anomaly_error}."""
-        self._check_key(ctx)
         return self._store_and_run("retrain", "temp", image_url, image, wait)
 
     @bentoml.api(route="/anomaly")
     def anomaly(
         self,
-        ctx: bentoml.Context,
         image_url: str | None = Field(None, description="URL of a known anomaly"),
         image: Path = Field(None, description="an uploaded known anomaly"),
         defect: str = Field("anomaly", description="defect type (folder name)", pattern=r"^[A-Za-z0-9_-]{1,40}$"),
         wait: bool = Field(True, description="wait for the re-evaluation (false: answer a job id at once)"),
     ) -> dict[str, Any]:
         """Store a known anomaly and re-evaluate errors and threshold: a new model version."""
-        self._check_key(ctx)
         return self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
 
     @bentoml.api(route="/rollback")
-    def rollback(self, ctx: bentoml.Context, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
+    def rollback(self, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
         """Move the champion alias back (to ``version``, or to the previous champion)."""
         from cellscan import registry
 
-        self._check_key(ctx)
         try:
             v = registry.rollback(self.settings, version)
         except registry.RegistryError as exc:
             raise NotFound(str(exc)) from None
         self.holder.refresh()
         return {"champion": v, "serving": self.holder.version}
+
+
+Cellscan.add_asgi_middleware(ApiKeyMiddleware)

@@ -1,0 +1,235 @@
+"""The BentoML service, started for real with `bentoml serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellscan.images import encode_png
+from tests.integration.conftest import REPO, make_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+KEY = "s3cret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Files(SimpleHTTPRequestHandler):
+    """Serves the project's files, plus /slow (answers after 10 s) and /huge.png (64 Mpixel PNG)."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/slow":
+            time.sleep(10)
+        if self.path == "/huge.png":
+            buf = io.BytesIO()
+            Image.new("L", (8000, 8000)).save(buf, format="PNG")
+            body = buf.getvalue()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A trained project, an image server, and `bentoml serve` on it."""
+    root = tmp_path_factory.mktemp("svc")
+    project = make_project(root / "proj", **{"retrain.epochs": 1})
+    env = os.environ | {
+        "CELLSCAN_HOME": str(project),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db",
+        "PREFECT_HOME": str(root / "prefect"),
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("CELLSCAN_MODEL_NAME", None)
+    # Train the first champion with the real flow, in its own process.
+    subprocess.run([sys.executable, "-c", f"from flows.training import train_flow; train_flow(project={str(project)!r})"],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    handler = lambda *a, **k: _Files(*a, directory=str(project / "data/cells"), **k)  # noqa: E731
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    fport = files.server_address[1]
+
+    port = _free_port()
+    env |= {"CELLSCAN_API_KEY": KEY, "CELLSCAN_URL_ALLOWLIST": f"127.0.0.1:{fport}", "CELLSCAN_FETCH_TIMEOUT": "2",
+            "CELLSCAN_POLL_SECONDS": "1"}
+    log = (root / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited: {(root / 'serve.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        files.shutdown()
+
+
+def _client(served, key: str | None = KEY) -> httpx.Client:
+    return httpx.Client(base_url=served["base"], timeout=300, headers={"x-api-key": key} if key else {})
+
+
+def _image(served, name: str = "test/void") -> str:
+    p = sorted((served["project"] / "data/cells" / name).glob("*.png"))[0]
+    return f"{served['files']}/{p.relative_to(served['project'] / 'data/cells')}"
+
+
+def test_health_models_and_metrics(served):
+    with _client(served) as c:
+        assert c.get("/health").json()["model_version"] == 1
+        models = c.get("/models").json()
+        assert models["serving"] == 1 and models["versions"][0]["aliases"] == ["champion"]
+        assert c.get("/docs").status_code == 200
+
+
+def test_predict_by_url_upload_batch_and_heatmap(served):
+    with _client(served) as c:
+        one = c.post("/predict", json={"image_url": _image(served)}).json()
+        assert set(one) == {"is_anomaly", "reconstruction_error", "threshold", "model_version"}
+        path = sorted((served["project"] / "data/cells/test/good").glob("*.png"))[0]
+        up = c.post("/predict", files={"image": (path.name, path.read_bytes(), "image/png")}).json()
+        assert up["model_version"] == 1 and isinstance(up["is_anomaly"], bool)
+        batch = c.post("/predict", json={"image_urls": [_image(served), _image(served, "test/good")]}).json()
+        assert isinstance(batch, list) and len(batch) == 2
+        assert batch[0]["reconstruction_error"] == pytest.approx(one["reconstruction_error"], rel=1e-5)
+        heat = c.post("/predict", json={"image_url": _image(served), "heatmap": True}).json()
+        png = Image.open(io.BytesIO(base64.b64decode(heat["heatmap_png"])))
+        assert png.mode == "RGB"
+        metrics = c.get("/metrics").text
+        assert "cellscan_predictions_total" in metrics and "cellscan_batch_size" in metrics
+
+
+def _truncated_png() -> bytes:
+    return encode_png(np.random.default_rng(0).random((64, 64)).astype(np.float32))[:150]
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "status", "needle"),
+    [
+        ("upload", b"hello, not an image", 400, "not an image"),
+        ("upload", "truncated", 400, "truncated"),
+        ("json", {"image_url": "{files}/huge.png"}, 400, "expected at most"),
+        ("json", {"image_url": "file:///etc/passwd"}, 400, "file:// URLs are disabled"),
+        ("json", {"image_url": "http://127.0.0.1:1/x.png"}, 400, "non-public address 127.0.0.1"),
+        ("json", {"image_url": "{files}/missing.png"}, 400, "HTTP 404"),
+        ("json", {"image_url": "{files}/slow"}, 400, "timed out"),
+        ("json", {"image_url": "ftp://example.com/a.png"}, 400, "scheme 'ftp' is not allowed"),
+        ("json", {}, 400, "send exactly one of image_url"),
+        ("json", {"image_url": 5}, 400, "valid string"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(served, kind, payload, status, needle):
+    with _client(served) as c:
+        if kind == "upload":
+            data = _truncated_png() if payload == "truncated" else payload
+            r = c.post("/predict", files={"image": ("x.png", data, "image/png")})
+        else:
+            body = {k: v.format(files=served["files"]) if isinstance(v, str) else v for k, v in payload.items()}
+            r = c.post("/predict", json=body)
+        assert r.status_code == status, r.text
+        assert needle in r.text
+        assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
+
+
+@pytest.mark.parametrize(("key", "status", "needle"), [(None, 401, "missing API key"), ("nope", 403, "wrong API key")])
+def test_mutating_endpoints_need_the_api_key(served, key, status, needle):
+    stored_before = sorted((served["project"] / "data").rglob("*.png"))
+    with _client(served, key) as c:
+        for route, body in (("/rollback", {}), ("/retrain", {"image_url": _image(served, "test/good")}),
+                            ("/anomaly", {"image_url": _image(served)})):
+            r = c.post(route, json=body)
+            assert r.status_code == status and needle in r.text, (route, r.text)
+    assert sorted((served["project"] / "data").rglob("*.png")) == stored_before
+
+
+def test_retrain_jobs_anomaly_and_rollback(served):
+    project = served["project"]
+    with _client(served) as c:
+        # Two concurrent retrain requests: both images are kept, the trainings run one after the other.
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(
+                lambda u: c.post("/retrain", json={"image_url": u, "wait": False}).json(),
+                [_image(served, "train/good"), _image(served, "test/good")],
+            ))
+        ids = [a["job_id"] for a in answers]
+        assert len(set(ids)) == 2
+        for a in answers:
+            assert (project / a["stored"][0]).exists() or (project / "data/cells/train/good").glob("new_*")
+        results = []
+        for job_id in ids:
+            for _ in range(300):
+                j = c.get(f"/jobs/{job_id}").json()
+                if j["status"] in ("done", "failed"):
+                    break
+                # Predictions keep being answered while training runs.
+                assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
+                time.sleep(1)
+            assert j["status"] == "done", j
+            results.append(j["result"])
+        assert {"new_validation_error", "new_anomaly_error"} <= set(results[0])
+        assert len(list((project / "data/cells/train/good").glob("new_*"))) == 2
+        assert sorted(r["version"] for r in results) == [2, 3]
+        assert c.get("/jobs/nope").status_code == 404
+
+        # A known anomaly: errors and threshold re-evaluated into a new version.
+        r = c.post("/anomaly", json={"image_url": _image(served, "test/crack"), "defect": "crack"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {"new_validation_error", "new_anomaly_error", "threshold"} <= set(body)
+        newest = body["version"]
+
+        # Rollback: the alias moves and the service follows.
+        champion = c.get("/models").json()["serving"]
+        r = c.post("/rollback", json={})
+        assert r.status_code == 200, r.text
+        back = r.json()["champion"]
+        assert back != champion and r.json()["serving"] == back
+        assert c.post("/predict", json={"image_url": _image(served)}).json()["model_version"] == back
+        assert c.post("/rollback", json={"version": 999}).status_code == 404
+        assert newest >= 4
+
+
+def test_failed_retrain_keeps_the_champion_serving(served):
+    with _client(served) as c:
+        before = c.get("/health").json()["model_version"]
+        # Not an image: refused before anything is stored or trained.
+        r = c.post("/retrain", files={"image": ("bad.png", b"garbage", "image/png")})
+        assert r.status_code == 400 and "not an image" in r.text
+        assert c.get("/health").json()["model_version"] == before
+        assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
