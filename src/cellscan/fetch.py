@@ -101,6 +101,17 @@ def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
     return path.read_bytes()
 
 
+_clients: dict[float, httpx.Client] = {}
+
+
+def _client(timeout: float) -> httpx.Client:
+    """A shared client per timeout: connections are pooled and kept alive between fetches."""
+    if timeout not in _clients:
+        _clients[timeout] = httpx.Client(timeout=timeout, follow_redirects=False,
+                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+    return _clients[timeout]
+
+
 def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
     """Download an image URL under ``policy``; returns the raw bytes (decode them to check them).
 
@@ -120,7 +131,7 @@ def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
             raise FetchError(msg)
         _check_host(url, policy)
         try:
-            with httpx.stream("GET", url, timeout=policy.timeout_s, follow_redirects=False) as resp:
+            with _client(policy.timeout_s).stream("GET", url) as resp:
                 if resp.is_redirect:
                     url = urljoin(url, resp.headers.get("location", ""))
                     continue
