@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start / stop the long-running parts on 127.0.0.1: MLflow UI, Prefect server + worker (+ the
-# scheduled retrain deployment). Logs and pids in runs/services/.
+# scheduled retrain deployment) and the BentoML prediction service. Logs and pids in runs/services/.
 #   scripts/services.sh start|stop|status
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export PREFECT_HOME=${PREFECT_HOME:-$PWD/.prefect}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 PREFECT_PORT=${PREFECT_PORT:-4200}
+BENTO_PORT=${BENTO_PORT:-3000}
 dir=runs/services
 mkdir -p "$dir" mlflow
 
@@ -36,12 +37,17 @@ case "${1:-start}" in
     prefect work-pool inspect cellscan >/dev/null 2>&1 || prefect work-pool create cellscan --type process >/dev/null
     python -m flows.deploy --pool cellscan
     launch worker prefect worker start --pool cellscan
+    export CELLSCAN_HOME=$PWD
+    launch bentoml bentoml serve service.service:Cellscan --host 127.0.0.1 --port "$BENTO_PORT"
     wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90
-    echo "MLflow UI:  http://127.0.0.1:$MLFLOW_PORT"
-    echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT  (deployment retrain/scheduled-retrain)"
+    wait_http "http://127.0.0.1:$BENTO_PORT/readyz" 120
+    echo "MLflow UI:        http://127.0.0.1:$MLFLOW_PORT"
+    echo "Prefect UI:       http://127.0.0.1:$PREFECT_PORT  (deployment retrain/scheduled-retrain)"
+    echo "cellscan service: http://127.0.0.1:$BENTO_PORT  (API docs: http://127.0.0.1:$BENTO_PORT/docs)"
+    echo "stop them with:   scripts/services.sh stop"
     ;;
   stop)
-    for name in worker prefect mlflow; do
+    for name in bentoml worker prefect mlflow; do
       if running "$name"; then
         pid=$(cat "$dir/$name.pid")
         kill -TERM -- "-$pid" 2>/dev/null || true; sleep 1; kill -TERM -- "-$pid" 2>/dev/null || true
@@ -51,7 +57,7 @@ case "${1:-start}" in
     echo "services stopped"
     ;;
   status)
-    for name in mlflow prefect worker; do
+    for name in mlflow prefect worker bentoml; do
       if running "$name"; then echo "$name: running (pid $(cat "$dir/$name.pid"))"; else echo "$name: stopped"; fi
     done
     ;;
