@@ -28,6 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a param: group.key=value.")]
+DataOpt = Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Model directory, or models:/cellscan@champion (or /<version>).")
@@ -159,7 +160,7 @@ class _EpochProgress:
 @app.command()
 @_boundary
 def train(
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")] = None,
+    data: DataOpt = None,
     model_dir: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model directory.")] = Path(
         "models/latest"
     ),
@@ -188,7 +189,7 @@ def train(
 @_boundary
 def evaluate(
     model_dir: ModelOpt = "models/latest",
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")] = None,
+    data: DataOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     calibrate: Annotated[bool, typer.Option(help="Recalibrate the threshold on this data.")] = False,
     metrics_file: Annotated[Path | None, typer.Option("--metrics", help="Also write metrics JSON here.")] = None,
@@ -241,7 +242,7 @@ def _write_plots(ev: Any, folder: Path) -> None:
 @app.command()
 @_boundary
 def prepare(
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset folder (default: data.root).")] = None,
+    data: DataOpt = None,
     manifest: Annotated[Path, typer.Option("--out", "-o", help="Manifest JSON to write.")] = Path(
         "runs/prepared.json"
     ),
