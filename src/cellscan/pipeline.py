@@ -106,11 +106,6 @@ def add_images(data_root: Path, role: str, files: list[tuple[str, bytes]], defec
     return out
 
 
-def existing_images(data_root: Path, role: str) -> list[Path]:
-    ds = load_dataset(data_root)
-    return list_images(data_root / folder_for(ds.layout, role))
-
-
 def reevaluate(settings: Settings, params: Params, data_root: Path, data: DataVersion, project: Path) -> dict[str, Any]:
     """Re-score the champion on the current data and register a new version with the new threshold.
 

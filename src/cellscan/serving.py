@@ -20,7 +20,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,7 @@ class Job:
     finished: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    future: Future[None] | None = field(default=None, repr=False)
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
@@ -189,14 +190,15 @@ class Jobs:
             finally:
                 job.finished = time.time()
 
-        job.future = self._executor.submit(run)  # type: ignore[attr-defined]
+        job.future = self._executor.submit(run)
         return job
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
     def wait(self, job: Job, timeout: float | None = None) -> Job:
-        job.future.result(timeout)  # type: ignore[attr-defined]
+        if job.future is not None:
+            job.future.result(timeout)
         return job
 
 
