@@ -28,12 +28,12 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 
-from cellscan.config import Params
-from cellscan.data import Dataset, load_dataset
-from cellscan.evaluate import evaluate_model, pixel_auroc
-from cellscan.images import load_batch, load_mask, resize
-from cellscan.metrics_table import format_table
-from cellscan.train import train
+from cellscan.core.config import Params
+from cellscan.core.data import Dataset, load_dataset
+from cellscan.core.evaluate import evaluate_model, pixel_auroc
+from cellscan.core.images import load_batch, load_mask, resize
+from metrics_table import format_table
+from cellscan.core.train import train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "datasets"

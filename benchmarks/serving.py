@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                    cwd=REPO, env=env, check=True, capture_output=True)
     model_dir = tmp / "model"
     subprocess.run([sys.executable, "-c",
-                    "from cellscan import registry; from cellscan.config import Settings; from pathlib import Path;"
+                    "from cellscan.mlops import registry; from cellscan.settings import Settings; from pathlib import Path;"
                     f"m, _ = registry.load_model(Settings.from_env(Path({str(project)!r}))); m.save({str(model_dir)!r})"],
                    cwd=REPO, env=env, check=True, capture_output=True)
 

@@ -1,4 +1,4 @@
-"""Tasks shared by the flows: each calls one cellscan.pipeline step."""
+"""Tasks shared by the flows: each calls one cellscan.mlops.steps step."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cellscan import pipeline
-from cellscan.config import Params, Settings, load_params, setup_offline
+from cellscan.mlops import steps as pipeline
+from cellscan.core.config import Params, load_params
+from cellscan.settings import Settings, setup_offline
 
 setup_offline()
 
@@ -44,6 +45,6 @@ def gate(settings: Settings, registered: Any, params: Params, root: Path) -> dic
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(params: Params, root: Path, init_from: Any = None) -> Any:
-    from cellscan.train import train
+    from cellscan.core.train import train
 
     return train(params, root, init_from=init_from)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from cellscan.config import load_params, setup_offline
+from cellscan.core.config import load_params
+from cellscan.settings import setup_offline
 
 REPO = Path(__file__).resolve().parent.parent
 

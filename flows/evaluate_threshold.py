@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from cellscan import pipeline
+from cellscan.mlops import steps as pipeline
 from flows.common import context, data_root, version_data
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from cellscan import pipeline
+from cellscan.mlops import steps as pipeline
 from flows.common import context, data_root, gate, register, train_model, version_data
 
 

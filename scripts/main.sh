@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . scripts/env.sh
 export PREFECT_HOME=${PREFECT_HOME:-$PWD/.prefect}
-root=$(python -c 'from cellscan.config import load_params; print(load_params().data.root)')
+root=$(python -c 'from cellscan.core.config import load_params; print(load_params().data.root)')
 
 echo "== 1/4 data: the version data.dvc names"
 if ! dvc pull -q data.dvc 2>/dev/null; then
@@ -14,7 +14,7 @@ if ! dvc pull -q data.dvc 2>/dev/null; then
   cellscan synth >/dev/null
 fi
 dvc add -q data && dvc push -q data.dvc || true
-echo "   data version $(python -c 'from cellscan.versioning import data_hash; from pathlib import Path; print(data_hash(Path(".")))')"
+echo "   data version $(python -c 'from cellscan.mlops.versioning import data_hash; from pathlib import Path; print(data_hash(Path(".")))')"
 
 echo "== 2/4 Prefect flow train-autoencoder (train, calibrate, register, gate)"
 python -m flows.training

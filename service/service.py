@@ -41,7 +41,7 @@ def _svc() -> Any:
 @ops.get("/models")
 def models() -> dict[str, Any]:
     """Registered versions with aliases and metrics, and the version being served."""
-    from cellscan import registry
+    from cellscan.mlops import registry
 
     s = _svc()
     return {"serving": s.holder.version, "versions": registry.list_versions(s.settings)}
@@ -77,7 +77,7 @@ class ApiKeyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from cellscan.serving import api_key
+        from cellscan.serve.runtime import api_key
 
         want = api_key()
         if scope["type"] == "http" and want and scope["path"].rstrip("/") in self.PROTECTED:
@@ -98,11 +98,12 @@ class ApiKeyMiddleware:
 @bentoml.asgi_app(ops, path="/")
 class Cellscan:
     def __init__(self) -> None:
-        from cellscan.config import Settings, load_params, setup_offline
+        from cellscan.core.config import load_params
+        from cellscan.settings import Settings, setup_offline
 
         setup_offline()
-        from cellscan.fetch import FetchPolicy
-        from cellscan.serving import Batcher, Jobs, ModelHolder
+        from cellscan.serve.fetch import FetchPolicy
+        from cellscan.serve.runtime import Batcher, Jobs, ModelHolder
 
         self.project = Path(os.environ.get("CELLSCAN_HOME", ".")).resolve()
         self.settings = Settings.from_env(self.project)
@@ -124,7 +125,7 @@ class Cellscan:
     # -- helpers ----------------------------------------------------------------------------
     def _bytes(self, image_url: str | None, image: Path | None) -> tuple[str, bytes]:
         from cellscan.errors import CellscanError
-        from cellscan.fetch import fetch
+        from cellscan.serve.fetch import fetch
 
         if (image_url is None) == (image is None):
             raise BadRequest("send exactly one of image_url (JSON) or image (multipart upload)")
@@ -145,7 +146,7 @@ class Cellscan:
             raise BadRequest(f"{name}: {exc}") from None
 
     def _model(self) -> Any:
-        from cellscan.serving import NoModelError
+        from cellscan.errors import NoModelError
 
         try:
             return self.holder.current()
@@ -158,7 +159,7 @@ class Cellscan:
         record, amap, version = await self.batcher.score(x)
         record["model_version"] = version
         if heatmap:
-            from cellscan.viz import overlay_png
+            from cellscan.core.plots import overlay_png
 
             record["heatmap_png"] = base64.b64encode(overlay_png(x, amap, record["threshold"])).decode()
         self.m_latency.observe(time.perf_counter() - t0)
@@ -193,7 +194,7 @@ class Cellscan:
 
     def _store_and_run(self, kind: str, role: str, image_url: str | None, image: Path | None, wait: bool,
                        defect: str = "anomaly") -> dict[str, Any]:
-        from cellscan import pipeline
+        from cellscan.mlops import steps as pipeline
 
         name, data = self._bytes(image_url, image)
         self._decode(name, data)  # refuse what is not an image before storing anything
@@ -247,11 +248,12 @@ class Cellscan:
     @bentoml.api(route="/rollback")
     def rollback(self, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
         """Move the champion alias back (to ``version``, or to the previous champion)."""
-        from cellscan import registry
+        from cellscan.mlops import registry
+        from cellscan.errors import RegistryError
 
         try:
             v = registry.rollback(self.settings, version)
-        except registry.RegistryError as exc:
+        except RegistryError as exc:
             raise NotFound(str(exc)) from None
         self.holder.refresh()
         return {"champion": v, "serving": self.holder.version}

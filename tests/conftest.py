@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cellscan.config import OFFLINE_ENV
+from cellscan.settings import OFFLINE_ENV
 
 for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 
-from cellscan.config import Params  # noqa: E402
-from cellscan.synth import generate  # noqa: E402
+from cellscan.core.config import Params  # noqa: E402
+from cellscan.core.synth import generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "datasets"
@@ -59,7 +59,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained(params: Params, dataset_dir: Path, model_dir: Path):  # type: ignore[no-untyped-def]
     """A tiny model trained once per session and saved to ``model_dir``."""
-    from cellscan.train import train
+    from cellscan.core.train import train
 
     return train(params, dataset_dir, model_dir)
 

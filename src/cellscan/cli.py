@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cellscan.config import load_params, parse_overrides, setup_offline
+from cellscan.core.config import load_params, parse_overrides
+from cellscan.settings import setup_offline
 from cellscan.errors import CellscanError
 
 app = typer.Typer(help="cellscan: anomaly detection for CT/X-ray scans of battery cells.", no_args_is_help=True)
@@ -87,14 +88,14 @@ def _dump(obj: Any) -> None:
 
 def _load_model(ref: str) -> Any:
     """A model directory, or a registry reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-    from cellscan.artifact import CellscanModel
+    from cellscan.core.bundle import CellscanModel
 
     if not ref.startswith("models:/"):
         return CellscanModel.load_dir(Path(ref))
     from dataclasses import replace
 
-    from cellscan import registry
-    from cellscan.config import Settings
+    from cellscan.mlops import registry
+    from cellscan.settings import Settings
 
     name, sep, alias = ref.removeprefix("models:/").partition("@")
     if not sep:
@@ -114,7 +115,7 @@ def synth(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate synthetic CT slices of cylindrical cells, with defects and masks."""
-    from cellscan.synth import generate
+    from cellscan.core.synth import generate
 
     p = load_params(params, parse_overrides(overrides or []))
     root = out_dir or Path(p.data.root)
@@ -170,7 +171,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the autoencoder on normal images and calibrate its threshold."""
-    from cellscan.train import train as run_train
+    from cellscan.core.train import train as run_train
 
     p = load_params(params, parse_overrides(overrides or []))
     bar = [] if as_json or not sys.stderr.isatty() else [_EpochProgress(p.train.epochs)]
@@ -197,8 +198,8 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Score the validation normals and known anomalies; print image and pixel metrics."""
-    from cellscan.data import load_dataset
-    from cellscan.evaluate import evaluate_model
+    from cellscan.core.data import load_dataset
+    from cellscan.core.evaluate import evaluate_model
 
     p = load_params(params)
     model = _load_model(model_dir)
@@ -223,7 +224,7 @@ def _write_plots(ev: Any, folder: Path) -> None:
     """CSV files for ``dvc plots``: the ROC curve and every image's score."""
     import csv
 
-    from cellscan.evaluate import roc_points
+    from cellscan.core.evaluate import roc_points
 
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "scores.csv").open("w", newline="") as f:
@@ -249,8 +250,8 @@ def prepare(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Check every image of the dataset decodes, and write a manifest of roles and the hold-out split."""
-    from cellscan.data import load_dataset
-    from cellscan.images import load_image
+    from cellscan.core.data import load_dataset
+    from cellscan.core.images import load_image
 
     p = load_params(params)
     ds = load_dataset(data or Path(p.data.root))
@@ -281,7 +282,7 @@ def predict(
     res = model.score_images(images)
     rows = [{"image": str(path)} | res.record(i) for i, path in enumerate(images)]
     if heatmaps:
-        from cellscan.viz import overlay_png
+        from cellscan.core.plots import overlay_png
 
         heatmaps.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(images):
@@ -304,7 +305,7 @@ app.add_typer(models_app, name="models")
 
 
 def _settings() -> Any:
-    from cellscan.config import Settings
+    from cellscan.settings import Settings
 
     return Settings.from_env()
 
@@ -313,7 +314,7 @@ def _settings() -> Any:
 @_boundary
 def models_list(as_json: JsonOpt = False) -> None:
     """Registered versions with their aliases, metrics and data version."""
-    from cellscan import registry
+    from cellscan.mlops import registry
 
     rows = registry.list_versions(_settings())
     if as_json:
@@ -332,7 +333,7 @@ def models_list(as_json: JsonOpt = False) -> None:
 @_boundary
 def models_promote(version: Annotated[int, typer.Argument(help="Version to make champion.")]) -> None:
     """Make VERSION the champion (the previous one is remembered for rollback)."""
-    from cellscan import registry
+    from cellscan.mlops import registry
 
     prev = registry.promote(_settings(), version, "manual promotion")
     out.print(f"champion: version {prev} -> {version}")
@@ -344,7 +345,7 @@ def models_rollback(
     version: Annotated[int | None, typer.Argument(help="Version to roll back to (default: previous champion).")] = None,
 ) -> None:
     """Move the champion alias back to VERSION, or to the previous champion."""
-    from cellscan import registry
+    from cellscan.mlops import registry
 
     v = registry.rollback(_settings(), version)
     out.print(f"champion is now version {v}")
@@ -365,7 +366,7 @@ def client_predict(
     api_key: Annotated[str | None, typer.Option(envvar="CELLSCAN_API_KEY", help="API key.")] = None,
 ) -> None:
     """Send every image of FOLDER to /predict (3 tries with backoff); write results.csv and an events log."""
-    from cellscan.client import predict_folder
+    from cellscan.serve.client import predict_folder
     from cellscan.errors import DatasetError
 
     if not folder.is_dir():

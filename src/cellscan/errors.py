@@ -1,14 +1,21 @@
-"""Errors raised by cellscan.
+"""Every error cellscan raises on purpose, in one hierarchy.
 
 Hierarchy::
 
     CellscanError
-    ├── ImageError        an input is not a usable image (format, size, mode, truncation)
+    ├── ImageError        an input is not a usable image (format, size, mode, truncation, non-finite pixels)
     ├── DatasetError      a dataset folder is missing or does not follow a known layout
-    ├── ConfigError       params.yaml or an argument is out of range
-    └── ModelError        a model directory is missing, incomplete or incompatible
+    ├── ConfigError       params.yaml, a setting or an argument is out of range
+    ├── ModelError        a model bundle is missing, incomplete or incompatible
+    ├── RegistryError     a registry operation cannot be done (unknown version, no earlier champion)
+    │   └── NoModelError  no champion is registered yet
+    ├── VersioningError   a DVC or git command failed
+    ├── FetchError        an image URL was refused or could not be fetched
+    └── JobError          a training job could not be started, or failed
+        └── BusyError     too many trainings are pending (HTTP 429)
 
-Library code raises these; only the boundaries (CLI, service, flows) catch them.
+Library code raises these; only the boundaries (CLI, service, flows) catch them. The ones a client
+can cause (ImageError, ConfigError, FetchError) are also ValueErrors.
 """
 
 from __future__ import annotations
@@ -27,8 +34,32 @@ class DatasetError(CellscanError):
 
 
 class ConfigError(CellscanError, ValueError):
-    """A parameter is missing or out of range."""
+    """A parameter, setting or argument is missing or out of range."""
 
 
 class ModelError(CellscanError):
     """A saved model is missing, incomplete or incompatible."""
+
+
+class RegistryError(CellscanError):
+    """A registry operation could not be done (unknown version, no champion)."""
+
+
+class NoModelError(RegistryError):
+    """No champion is registered yet."""
+
+
+class VersioningError(CellscanError):
+    """A DVC or git command failed."""
+
+
+class FetchError(CellscanError, ValueError):
+    """An image URL was refused or could not be fetched."""
+
+
+class JobError(CellscanError):
+    """A training or re-evaluation job could not be started, or it failed."""
+
+
+class BusyError(JobError):
+    """Too many trainings are already waiting (the service answers 429)."""

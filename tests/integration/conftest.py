@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cellscan.config import Settings
-from cellscan.synth import generate
-from cellscan.versioning import init_repo
+from cellscan.settings import Settings
+from cellscan.core.synth import generate
+from cellscan.mlops.versioning import init_repo
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]

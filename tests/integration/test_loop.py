@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cellscan import pipeline, registry
-from cellscan.artifact import CellscanModel
+from cellscan.mlops import steps as pipeline
+from cellscan.mlops import registry
+from cellscan.core.bundle import CellscanModel
 from cellscan.cli import app
-from cellscan.config import load_params
-from cellscan.data import load_dataset
-from cellscan.evaluate import evaluate_model
-from cellscan.versioning import data_hash
+from cellscan.core.config import load_params
+from cellscan.core.data import load_dataset
+from cellscan.core.evaluate import evaluate_model
+from cellscan.mlops.versioning import data_hash
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -101,7 +102,7 @@ def test_training_that_fails_midway_leaves_the_champion(project, settings, monke
     before = registry.list_versions(settings)
     images_before = sorted(p.name for p in (project / "data/cells").rglob("*.png"))
 
-    import cellscan.train as train_mod
+    import cellscan.core.train as train_mod
 
     calls = {"n": 0}
     real = train_mod.simulate_anomaly

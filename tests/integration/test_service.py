@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellscan.images import encode_png
+from cellscan.core.images import encode_png
 from tests.integration.conftest import REPO, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

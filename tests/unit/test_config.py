@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cellscan.config import Params, load_params, parse_overrides
+from cellscan.core.config import Params, load_params, parse_overrides
 from cellscan.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cellscan.errors import ImageError
-from cellscan.images import decode_image, encode_png, load_image
+from cellscan.core.images import decode_image, encode_png, load_image
 
 
 def _bytes(img: Image.Image, fmt: str) -> bytes:

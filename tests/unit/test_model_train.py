@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellscan.artifact import CellscanModel
-from cellscan.augment import blob_mask, simulate_anomaly
-from cellscan.config import ModelParams
+from cellscan.core.bundle import CellscanModel
+from cellscan.core.augment import blob_mask, simulate_anomaly
+from cellscan.core.config import ModelParams
 from cellscan.errors import ConfigError, ImageError, ModelError
-from cellscan.model import build_autoencoder
+from cellscan.core.model import build_autoencoder
 
 
 def test_autoencoder_shapes_and_range():

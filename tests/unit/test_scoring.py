@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellscan.config import ScoreParams
-from cellscan.evaluate import image_metrics, pixel_auroc
-from cellscan.scoring import (
+from cellscan.core.config import ScoreParams
+from cellscan.core.evaluate import image_metrics, pixel_auroc
+from cellscan.core.scoring import (
     MapStats,
     aggregate,
     anomaly_maps,

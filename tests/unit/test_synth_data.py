@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellscan.data import ROLE_FOLDERS, folder_for, load_dataset
+from cellscan.core.data import ROLE_FOLDERS, folder_for, load_dataset
 from cellscan.errors import DatasetError
-from cellscan.images import load_image
-from cellscan.synth import DEFECTS, generate, render_slice
+from cellscan.core.images import load_image
+from cellscan.core.synth import DEFECTS, generate, render_slice
 
 
 def _small(root, layout="mvtec", seed=3):

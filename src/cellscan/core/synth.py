@@ -15,7 +15,7 @@ Defects (each with its binary mask):
 Generation is deterministic: slice ``i`` of a split depends only on ``(seed, split, i)``.
 
 Example:
-    >>> from cellscan.synth import render_slice
+    >>> from cellscan.core.synth import render_slice
     >>> import numpy as np
     >>> img, mask = render_slice(np.random.default_rng(0), 64, defect="void")
     >>> img.shape, bool(mask.any())
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cellscan.images import save_png
+from cellscan.core.images import save_png
+from cellscan.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def render_slice(
     """
     if defect is not None and defect not in DEFECTS:
         msg = f"unknown defect {defect!r}; expected one of {', '.join(DEFECTS)}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     g = _geometry(rng, size)
     r, theta = _polar(g, size)
     mask = np.zeros((size, size), dtype=bool)
@@ -209,11 +210,11 @@ def generate(
     Returns:
         Counts of files written per folder.
     """
-    from cellscan.data import folder_for  # local import: data imports images only
+    from cellscan.core.data import folder_for  # local import: data imports images only
 
     if layout not in ("mvtec", "roles"):
         msg = f"unknown layout {layout!r}; expected 'mvtec' or 'roles'"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     counts: dict[str, int] = {}
 
     def write(split: str, defect: str | None, i: int, folder: str) -> None:

@@ -22,11 +22,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from cellscan.errors import CellscanError
+from cellscan.errors import FetchError
 
-
-class FetchError(CellscanError, ValueError):
-    """An image URL was refused or could not be fetched."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ by 65535, not truncated to 8 bits first.
 
 Example:
     >>> import numpy as np
-    >>> from cellscan.images import encode_png, load_image
+    >>> from cellscan.core.images import encode_png, load_image
     >>> arr = load_image(encode_png(np.full((4, 6), 0.5, np.float32)), size=8)
     >>> arr.shape, round(float(arr.mean()), 2)
     ((8, 8, 1), 0.5)

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.artifact import CellscanModel
-from cellscan.augment import augment, simulate_anomaly
-from cellscan.config import Params
-from cellscan.data import Dataset, load_dataset
-from cellscan.evaluate import Evaluation, evaluate_model
-from cellscan.images import load_batch
+from cellscan.core.bundle import CellscanModel
+from cellscan.core.augment import augment, simulate_anomaly
+from cellscan.core.config import Params
+from cellscan.core.data import Dataset, load_dataset
+from cellscan.core.evaluate import Evaluation, evaluate_model
+from cellscan.core.images import load_batch
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def fit_model(
     """
     import keras
 
-    from cellscan.losses import ReconstructionLoss
-    from cellscan.model import build_autoencoder
+    from cellscan.core.losses import ReconstructionLoss
+    from cellscan.core.model import build_autoencoder
 
     set_seeds(params.base.seed)
     d = params.data

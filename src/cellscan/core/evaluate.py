@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from cellscan.data import Dataset
+from cellscan.core.data import Dataset
 from cellscan.errors import DatasetError
-from cellscan.images import load_batch, load_mask
-from cellscan.scoring import calibrate_threshold
+from cellscan.core.images import load_batch, load_mask
+from cellscan.core.scoring import calibrate_threshold
 
 if TYPE_CHECKING:
-    from cellscan.artifact import CellscanModel
+    from cellscan.core.bundle import CellscanModel
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cellscan.errors import DatasetError
-from cellscan.images import IMAGE_SUFFIXES
+from cellscan.core.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

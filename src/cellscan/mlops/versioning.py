@@ -15,13 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from cellscan.errors import CellscanError
+from cellscan.errors import VersioningError
 
 logger = logging.getLogger(__name__)
 
-
-class VersioningError(CellscanError):
-    """A DVC or git command failed."""
 
 
 def _exe(name: str) -> str:

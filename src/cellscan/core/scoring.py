@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cellscan.config import ScoreParams
+from cellscan.core.config import ScoreParams
+from cellscan.errors import ConfigError
 
 _C1, _C2 = 0.01**2, 0.03**2
 
@@ -113,7 +114,7 @@ def aggregate(maps: np.ndarray, how: str = "topk_mean", topk: float = 0.02) -> n
         k = max(1, int(round(flat.shape[1] * topk)))
         return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
     msg = f"unknown aggregation {how!r}; expected mean, max or topk_mean"
-    raise ValueError(msg)
+    raise ConfigError(msg)
 
 
 def quantile_threshold(normal_scores: np.ndarray, q: float) -> float:
@@ -125,7 +126,7 @@ def quantile_threshold(normal_scores: np.ndarray, q: float) -> float:
     """
     if len(normal_scores) == 0:
         msg = "cannot calibrate a threshold without normal scores"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     return float(np.quantile(normal_scores, q))
 
 

@@ -1,4 +1,4 @@
-"""Typed parameters loaded from params.yaml, and settings taken from the environment.
+"""Typed parameters loaded from params.yaml (what changes results; environment settings live in cellscan.settings).
 
 Every stage reads its own group (``base``, ``data``, ``synth``, ``model``, ``train``, ``score``)
 into a frozen dataclass whose ``__post_init__`` checks ranges, so a bad value fails at load time
@@ -7,7 +7,6 @@ with a message naming the key, the allowed range and the value found.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -269,40 +268,3 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(msg)
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Environment-specific settings (they do not change results, so they stay out of params.yaml)."""
-
-    tracking_uri: str
-    model_name: str
-    home: Path
-
-    @classmethod
-    def from_env(cls, root: Path | None = None) -> Settings:
-        home = Path(root or os.environ.get("CELLSCAN_HOME", ".")).resolve()
-        default_uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-        return cls(
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", default_uri),
-            model_name=os.environ.get("CELLSCAN_MODEL_NAME", "cellscan"),
-            home=home,
-        )
-
-
-OFFLINE_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "BENTOML_DO_NOT_TRACK": "True",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    # Prefect's temporary local API needs longer than its default on a busy 2-core machine.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
-
-
-def setup_offline() -> None:
-    """Switch every component's telemetry off (call before importing MLflow, Prefect, BentoML)."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)

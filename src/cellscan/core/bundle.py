@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.config import ScoreParams
+from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
-from cellscan.images import load_image
-from cellscan.scoring import MapStats, anomaly_maps, raw_maps
+from cellscan.core.images import load_image
+from cellscan.core.scoring import MapStats, anomaly_maps, raw_maps
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class CellscanModel:
 
     def score_arrays(self, x: np.ndarray, p: ScoreParams | None = None) -> ScoreResult:
         """Score preprocessed images (N, size, size, C) in [0, 1]."""
-        from cellscan.scoring import aggregate
+        from cellscan.core.scoring import aggregate
 
         self.check_batch(x)
         p = p or self.score_params

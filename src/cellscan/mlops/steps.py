@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cellscan import registry, versioning
-from cellscan.config import Params, Settings
-from cellscan.data import folder_for, list_images, load_dataset
-from cellscan.evaluate import evaluate_model
-from cellscan.train import TrainResult, train
+from cellscan.mlops import registry
+from cellscan.mlops import versioning
+from cellscan.core.config import Params
+from cellscan.settings import Settings
+from cellscan.core.data import folder_for, list_images, load_dataset
+from cellscan.core.evaluate import evaluate_model
+from cellscan.core.train import TrainResult, train
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from cellscan.config import ModelParams
+from cellscan.core.config import ModelParams
 from cellscan.errors import ConfigError
 
 

@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.artifact import META_FILE, STATS_FILE, CellscanModel
-from cellscan.config import GateParams, Settings
-from cellscan.errors import CellscanError
+from cellscan.core.bundle import META_FILE, STATS_FILE, CellscanModel
+from cellscan.core.config import GateParams
+from cellscan.settings import Settings
+from cellscan.errors import RegistryError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from cellscan.evaluate import Evaluation
-    from cellscan.train import TrainResult
+    from cellscan.core.evaluate import Evaluation
+    from cellscan.core.train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "cellscan.champion_history"
 PIP_REQUIREMENTS = ["tensorflow-cpu==2.21.0", "keras==3.15.1", "numpy==2.4.6"]
 
-
-class RegistryError(CellscanError):
-    """A registry operation could not be done (unknown version, no champion)."""
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -96,7 +94,7 @@ def log_and_register(
     import mlflow
     from mlflow.models import infer_signature
 
-    from cellscan import plots
+    from cellscan.core import plots
 
     mc = client(settings)
     _experiment(mc, settings, experiment)
@@ -152,8 +150,8 @@ def log_and_register(
 
 
 def _examples(model: CellscanModel, ev: Evaluation, n: int = 4) -> bytes | None:
-    from cellscan.images import load_batch
-    from cellscan.viz import strip_png
+    from cellscan.core.images import load_batch
+    from cellscan.core.plots import strip_png
 
     idx = list(np.argsort(-ev.scores)[:n])
     if not idx:
@@ -199,7 +197,7 @@ def load_model(settings: Settings, ref: int | str = CHAMPION) -> tuple[CellscanM
 
     mc = client(settings)
     mv = _resolve(mc, settings.model_name, ref)
-    import cellscan.losses  # noqa: F401  (registers the loss the saved model names)
+    import cellscan.core.losses  # noqa: F401  (registers the loss the saved model names)
 
     keras_model = mlflow.keras.load_model(
         f"models:/{settings.model_name}/{mv.version}", load_model_kwargs={"compile": False}
@@ -209,7 +207,7 @@ def load_model(settings: Settings, ref: int | str = CHAMPION) -> tuple[CellscanM
         meta = json.loads((local / META_FILE).read_text())
         stats = None
         if (local / STATS_FILE).is_file():
-            from cellscan.scoring import MapStats
+            from cellscan.core.scoring import MapStats
 
             with np.load(local / STATS_FILE) as z:
                 stats = MapStats.from_arrays({k: z[k] for k in z.files})

@@ -26,15 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from cellscan import registry
-from cellscan.artifact import CellscanModel
-from cellscan.config import Settings
+from cellscan.mlops import registry
+from cellscan.core.bundle import CellscanModel
+from cellscan.errors import NoModelError
+from cellscan.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-
-class NoModelError(registry.RegistryError):
-    """No champion is registered yet."""
 
 
 class ModelHolder:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from cellscan.data import list_images
+from cellscan.core.data import list_images
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 FIELDS = ["image", "status", "is_anomaly", "reconstruction_error", "threshold", "model_version", "error", "attempts",

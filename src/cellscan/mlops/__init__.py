@@ -1,0 +1,1 @@
+"""MLOps: tracking runs, the registry and its champion rule, DVC data versions, the flow steps."""

@@ -1,0 +1,1 @@
+"""Serving runtime: the champion holder, batching, jobs, safe URL fetching, the batch client."""
