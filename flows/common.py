@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +53,32 @@ def train_model(params: Params, root: Path, init_from: Any = None) -> Any:
     from cellscan.core.train import train
 
     return train(params, root, init_from=init_from)
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write a flow's returned dict as JSON, atomically (a temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[str] | None = None) -> int:
+    """Command-line entry point shared by the flows: ``--project DIR [--params FILE] [--result FILE]``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--project", default=".", help="project folder (params.yaml, data/, mlflow/)")
+    ap.add_argument("--params", default="params.yaml", help="params file, relative to the project")
+    ap.add_argument("--result", default=None, help="write the flow's result as JSON to this file")
+    args = ap.parse_args(argv)
+    result = flow_fn(project=args.project, params_path=args.params)
+    if args.result:
+        write_result(args.result, result)
+    return 0

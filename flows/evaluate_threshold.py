@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from cellscan.mlops import steps as pipeline
-from flows.common import context, data_root, version_data
+from flows.common import context, main, data_root, version_data
 
 
 @task(name="reevaluate-threshold", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
@@ -28,4 +28,4 @@ def evaluate_threshold_flow(project: str = ".", params_path: str = "params.yaml"
 
 
 if __name__ == "__main__":
-    evaluate_threshold_flow()
+    raise SystemExit(main(evaluate_threshold_flow, "Re-evaluate the champion's errors and threshold."))

@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from cellscan.mlops import steps as pipeline
-from flows.common import context, data_root, gate, register, train_model, version_data
+from flows.common import context, main, data_root, gate, register, train_model, version_data
 
 
 @task(name="intake-temp", cache_policy=NO_CACHE)
@@ -36,7 +36,8 @@ def retrain_flow(
         moved = intake(droot)
         if moved == 0 and require_new_images:
             print("no new images in temp/: nothing to retrain")
-            return {"moved": 0, "skipped": True}
+            return {"moved": 0, "skipped": True, "version": None, "promoted": False,
+                    "reason": "no new images in temp/", "new_validation_error": None, "new_anomaly_error": None}
         data = version_data(root)
         init = champion(settings, params)
         p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
@@ -51,4 +52,4 @@ def retrain_flow(
 
 
 if __name__ == "__main__":
-    retrain_flow()
+    raise SystemExit(main(retrain_flow, "Take temp/ images into training, retrain, gate."))

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from cellscan.mlops import steps as pipeline
-from flows.common import context, data_root, gate, register, train_model, version_data
+from flows.common import context, main, data_root, gate, register, train_model, version_data
 
 
 @flow(name="train-autoencoder", log_prints=True)
@@ -30,4 +30,4 @@ def train_flow(
 
 
 if __name__ == "__main__":
-    train_flow()
+    raise SystemExit(main(train_flow, "Train a new version and gate it."))
