@@ -28,8 +28,7 @@ def context(project: str, params_path: str, overrides: dict[str, Any] | None) ->
 
 
 def data_root(project: Path, params: Params) -> Path:
-    d = Path(params.data.root)
-    return d if d.is_absolute() else project / d
+    return pipeline.data_root_of(project, params)
 
 
 @task(name="version-data", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
@@ -37,22 +36,52 @@ def version_data(project: Path) -> pipeline.DataVersion:
     return pipeline.version_data(project)
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
-def register(settings: Settings, result: Any, params: Params, data: pipeline.DataVersion, project: Path,
-             run_name: str | None, kind: str) -> Any:
-    return pipeline.register(settings, result, params, data, project, run_name, kind)
-
-
-@task(name="champion-gate", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
-def gate(settings: Settings, registered: Any, params: Params, root: Path) -> dict[str, Any]:
-    return pipeline.gate(settings, registered, params, root)
+@task(name="open-mlflow-run", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def open_run(settings: Settings, kind: str, params: Params, data: pipeline.DataVersion, project: Path,
+             droot: Path) -> Any:
+    run = pipeline.open_run(settings, kind, params, data, project, droot)
+    print(f"MLflow run {run.name} ({run.run_id}) on data {data.hash or 'unversioned'}")
+    return run
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(params: Params, root: Path, init_from: Any = None) -> Any:
-    from cellscan.core.train import train
+def train_model(params: Params, droot: Path, bundle_dir: Path, init_from: Any = None) -> Any:
+    return pipeline.train_bundle(params, droot, bundle_dir, init_from)
 
-    return train(params, root, init_from=init_from)
+
+@task(name="register-model", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def register(settings: Settings, run: Any, result: Any, bundle_dir: Path) -> pipeline.Registered:
+    reg = pipeline.register(settings, run, result.model, result.evaluation, bundle_dir,
+                            result.history, result.seconds)
+    print(f"registered {settings.model_name} version {reg.version} from run {reg.run_name} ({reg.run_id})")
+    return reg
+
+
+@task(name="champion-gate", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
+def gate(settings: Settings, registered: pipeline.Registered, params: Params, droot: Path) -> dict[str, Any]:
+    """Evaluate the champion on the same data, decide (mlops.gate.decide) and move the aliases."""
+    out = pipeline.gate(settings, registered, params, droot)
+    verdict = "promoted to champion" if out["promoted"] else "stays challenger"
+    print(f"version {registered.version} {verdict} (compared with {out['champion']}): {out['reason']}")
+    return out
+
+
+def train_and_register(settings: Settings, root: Path, params: Params, data: pipeline.DataVersion, kind: str,
+                       init_from: Any = None) -> tuple[Any, pipeline.Registered, dict[str, Any], Any]:
+    """The body both training flows share: one MLflow run spans train -> register -> gate."""
+    droot = data_root(root, params)
+    run = open_run(settings, kind, params, data, root, droot)
+    ok = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
+            bundle = Path(tmp) / "bundle"
+            result = train_model(params, droot, bundle, init_from)
+            reg = register(settings, run, result, bundle)
+        decision = gate(settings, reg, params, droot)
+        ok = True
+    finally:
+        pipeline.close_run(settings, run, ok)
+    return result, reg, decision, run
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:

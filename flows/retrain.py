@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from cellscan.mlops import steps as pipeline
-from flows.common import context, main, data_root, gate, register, train_model, version_data
+from flows.common import context, data_root, main, train_and_register, version_data
 
 
 @task(name="intake-temp", cache_policy=NO_CACHE)
@@ -41,12 +41,12 @@ def retrain_flow(
         data = version_data(root)
         init = champion(settings, params)
         p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
-        result = train_model(p, droot, init)
-        reg = register(settings, result, p, data, root, None, "retrain")
-        decision = gate(settings, reg, p, droot)
-    out = {"moved": moved, "version": reg.version, "data_hash": data.hash,
+        result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init)
+    out = {"moved": moved, "version": reg.version, "run_id": reg.run_id, "run_name": run.name,
+           "data_hash": data.hash,
            "new_validation_error": result.evaluation.metrics["validation_error"],
-           "new_anomaly_error": result.evaluation.metrics["anomaly_error"]} | decision
+           "new_anomaly_error": result.evaluation.metrics["anomaly_error"],
+           "promoted": decision["promoted"], "reason": decision["reason"], "champion": decision["champion"]}
     print(f"retrained on {moved} new images: version {reg.version} promoted={decision['promoted']}")
     return out
 

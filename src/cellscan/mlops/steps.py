@@ -1,4 +1,4 @@
-"""The MLOps steps the Prefect flows wire together: version data, train, register, gate, retrain.
+"""The MLOps steps the Prefect flows wire together: version data, open a run, train, register, gate.
 
 Each function does one step and returns plain data, so a flow task is a one-line call and the
 steps can be tested without Prefect.
@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellscan.mlops import registry
-from cellscan.mlops import versioning
+from cellscan.core.bundle import CellscanModel
 from cellscan.core.config import Params
-from cellscan.settings import Settings
-from cellscan.core.data import folder_for, list_images, load_dataset
-from cellscan.core.evaluate import evaluate_model
+from cellscan.core.data import folder_for, load_dataset
+from cellscan.core.evaluate import Evaluation, evaluate_model
 from cellscan.core.train import TrainResult, train
+from cellscan.mlops import registry, tracking, versioning
+from cellscan.mlops.gate import decide
+from cellscan.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -39,29 +41,92 @@ def version_data(project: Path, target: str = "data", push: bool = True) -> Data
     return DataVersion(h, (project / f"{target}.dvc").read_text())
 
 
-def champion_metrics(settings: Settings, data_root: Path, max_pixels: int) -> dict[str, float] | None:
-    """The champion's metrics on ``data_root`` (threshold calibrated there, like the challenger's)."""
-    if registry.champion_version(settings) is None:
-        return None
-    model, _ = registry.load_model(settings)
-    ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=max_pixels)
-    return {k: float(v) for k, v in ev.metrics.items()}
+@dataclass
+class Registered:
+    """A logged and registered version: its number, run, and the metrics the gate compares."""
+
+    version: int
+    run_id: str
+    run_name: str
+    metrics: dict[str, float]
 
 
-def register(
-    settings: Settings, result: TrainResult, params: Params, data: DataVersion, project: Path,
-    run_name: str | None, kind: str,
-) -> registry.Registered:
-    return registry.log_and_register(
-        settings, result.model, result.evaluation, history=result.history, params_flat=params.flat(),
-        data_hash=data.hash, dvc_file=data.dvc_file, git_commit=versioning.git_commit(project),
-        run_name=run_name, kind=kind,
+def open_run(settings: Settings, kind: str, params: Params | None, data: DataVersion, project: Path,
+             data_root: Path | None = None, name: str | None = None) -> tracking.RunInfo:
+    """Start the MLflow run that will record this training (call before training)."""
+    return tracking.open_run(
+        settings, kind, params=params.to_dict() if params else None, data_hash=data.hash,
+        dvc_file=data.dvc_file, data_root=data_root, git_commit=versioning.git_commit(project), name=name,
     )
 
 
-def gate(settings: Settings, reg: registry.Registered, params: Params, data_root: Path) -> dict[str, Any]:
-    champ = champion_metrics(settings, data_root, params.data.max_pixels)
-    return asdict(registry.gate(settings, reg, champ, params.gate))
+def close_run(settings: Settings, run: tracking.RunInfo, ok: bool = True) -> None:
+    tracking.close_run(settings, run, ok)
+
+
+def train_bundle(params: Params, data_root: Path, bundle_dir: Path, init_from: Any = None) -> TrainResult:
+    """Train and write the bundle directory: the same function ``dvc repro`` (``cellscan train``) runs."""
+    return train(params, data_root, bundle_dir, init_from=init_from)
+
+
+def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, evaluation: Evaluation,
+             bundle_dir: Path, history: dict[str, list[float]] | None = None,
+             seconds: float | None = None) -> Registered:
+    """Log the evaluation into the run and register the bundle directory as a new version."""
+    metrics = tracking.log_training(settings, run, model, evaluation, history, seconds)
+    version = tracking.log_and_register(settings, run, bundle_dir)
+    return Registered(version, run.run_id, run.name, metrics)
+
+
+def champion_metrics(settings: Settings, data_root: Path, max_pixels: int) -> tuple[int | None, dict[str, float] | None]:
+    """The champion's version and its metrics on ``data_root`` (threshold calibrated there, like the challenger's)."""
+    version = registry.champion_version(settings)
+    if version is None:
+        return None, None
+    model, _ = registry.load_model(version, settings)
+    ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=max_pixels)
+    return version, {k: float(v) for k, v in ev.metrics.items()}
+
+
+def gate(settings: Settings, reg: Registered, params: Params, data_root: Path,
+         champion: tuple[int | None, dict[str, float] | None] | None = None) -> dict[str, Any]:
+    """Compare the new version with the champion on the same data, then apply the decision.
+
+    ``champion`` is (version, metrics) when the caller has evaluated the champion already.
+    """
+    champ_v, champ_m = champion if champion is not None else champion_metrics(
+        settings, data_root, params.data.max_pixels)
+    decision = decide(reg.metrics, champ_m, params.gate)
+    registry.apply_decision(settings, reg.version, decision, champ_v, champ_m, reg.run_name)
+    tracking.client(settings).set_tag(reg.run_id, "cellscan.gate",
+                                      ("promoted: " if decision.promoted else "rejected: ") + decision.reason)
+    return {"promoted": decision.promoted, "reason": decision.reason, "challenger": reg.version,
+            "champion": champ_v, "challenger_metrics": reg.metrics, "champion_metrics": champ_m or {}}
+
+
+def register_bundle(settings: Settings, params: Params, project: Path, bundle_dir: Path) -> dict[str, Any]:
+    """Register a bundle directory written elsewhere (``dvc repro`` -> models/latest) through the same gate.
+
+    The bundle is evaluated with its own threshold on the current data (versioned with DVC first).
+    """
+    model = CellscanModel.load_dir(bundle_dir)
+    data = version_data(project)
+    droot = data_root_of(project, params)
+    run = open_run(settings, "register", params, data, project, droot)
+    ok = False
+    try:
+        ev = evaluate_model(model, load_dataset(droot), calibrate=False, max_pixels=params.data.max_pixels)
+        reg = register(settings, run, model, ev, bundle_dir)
+        out = gate(settings, reg, params, droot)
+        ok = True
+    finally:
+        close_run(settings, run, ok)
+    return {"version": reg.version, "run_id": run.run_id, "run_name": run.name, "data_hash": data.hash} | out
+
+
+def data_root_of(project: Path, params: Params) -> Path:
+    d = Path(params.data.root)
+    return d if d.is_absolute() else project / d
 
 
 def intake_temp(data_root: Path) -> list[Path]:
@@ -112,25 +177,33 @@ def reevaluate(settings: Settings, params: Params, data_root: Path, data: DataVe
     """Re-score the champion on the current data and register a new version with the new threshold.
 
     The original ``/anomaly`` semantics: the validation error, the anomaly error and the threshold
-    are recomputed; the old version keeps its threshold.
+    are recomputed; the old version keeps its threshold. The champion is evaluated once: that
+    evaluation is both the new version's and the champion's side of the gate.
     """
-    model, version = registry.load_model(settings)
-    ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=params.data.max_pixels)
-    new = model.with_threshold(ev.threshold, metrics=ev.metrics, parent_version=version)
-    reg = registry.log_and_register(
-        settings, new, ev, params_flat=params.flat(), data_hash=data.hash, dvc_file=data.dvc_file,
-        git_commit=versioning.git_commit(project), run_name=f"threshold-from-v{version}", kind="threshold",
-    )
-    decision = registry.gate(settings, reg, champion_metrics(settings, data_root, params.data.max_pixels),
-                             params.gate)
+    model, version = registry.load_model(registry.CHAMPION, settings)
+    run = open_run(settings, "threshold", params, data, project, data_root)
+    ok = False
+    try:
+        ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=params.data.max_pixels)
+        new = model.with_threshold(ev.threshold, metrics=ev.metrics, parent_version=version)
+        with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
+            bundle = new.save(Path(tmp) / "bundle")
+            reg = register(settings, run, new, ev, bundle)
+        decision = gate(settings, reg, params, data_root,
+                        champion=(version, {k: float(v) for k, v in ev.metrics.items()}))
+        ok = True
+    finally:
+        close_run(settings, run, ok)
     return {
         "new_validation_error": ev.metrics["validation_error"],
         "new_anomaly_error": ev.metrics["anomaly_error"],
         "threshold": ev.threshold,
         "previous_threshold": model.threshold,
         "version": reg.version,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
+        "run_id": run.run_id,
+        "run_name": run.name,
+        "promoted": decision["promoted"],
+        "reason": decision["reason"],
     }
 
 
@@ -138,7 +211,7 @@ def finetune_source(settings: Settings, params: Params) -> Any:
     """The champion to fine-tune from, or None for a fresh start (no champion or mode fresh)."""
     if params.retrain.mode != "finetune" or registry.champion_version(settings) is None:
         return None
-    model, _ = registry.load_model(settings)
+    model, _ = registry.load_model(registry.CHAMPION, settings)
     if (model.image_size, model.channels) != (params.data.image_size, params.data.channels):
         logger.warning("champion input shape differs from params: training afresh")
         return None
@@ -165,3 +238,44 @@ class training_lock:  # noqa: N801 (used as a context manager)
 
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
+
+
+def _moved_root(params: Params, project: Path, work: Path) -> Path:
+    """Where ``params.data.root`` (relative to the project, or inside it) lies in the restored copy."""
+    root = Path(params.data.root)
+    if root.is_absolute():
+        try:
+            root = root.resolve().relative_to(project.resolve())
+        except ValueError:
+            return work / "data"
+    return work / root
+
+
+def reproduce(settings: Settings, ref: int | str, project: Path, workdir: Path | None = None) -> dict[str, Any]:
+    """Retrain a version from what its run logged: its data version (from the DVC cache or remote, in a
+    separate folder; the project's data stays as it is) and its params; compare the metrics.
+
+    Raises:
+        RegistryError: the version's run has no data.dvc or params.json (unversioned or not a training run).
+    """
+    from cellscan.core.config import params_from_dict
+    from cellscan.errors import RegistryError
+
+    info = registry.lineage(settings, ref)
+    run_id = info["run_id"]
+    dvc_text = tracking.load_dvc_file(settings, run_id)
+    if dvc_text is None:
+        msg = f"version {info['version']}: its run {info['run_name']} logged no data.dvc (data was unversioned)"
+        raise RegistryError(msg)
+    params = params_from_dict(tracking.load_params_dict(settings, run_id))
+    with tempfile.TemporaryDirectory(prefix="cellscan-reproduce-") as tmp:
+        work = workdir or Path(tmp)
+        restored = versioning.restore_into(project, dvc_text, work)
+        result = train(params, _moved_root(params, project, work))
+    new = tracking.finite(result.evaluation.metrics)
+    old = {k: float(v) for k, v in info["metrics"].items() if k in new}
+    return {
+        "version": info["version"], "run_name": info["run_name"], "data_hash": info["data_hash"],
+        "restored_hash": restored, "same_data": restored == info["data_hash"],
+        "logged": old, "reproduced": new, "diff": {k: new[k] - old[k] for k in old},
+    }

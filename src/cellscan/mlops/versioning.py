@@ -104,3 +104,30 @@ def pull(project: Path, target: str = "data") -> bool:
 def git_commit(project: Path) -> str:
     res = _run(["git", "rev-parse", "HEAD"], project, check=False)
     return res.stdout.strip() if res.returncode == 0 else "unknown"
+
+
+def restore_into(project: Path, dvc_file_text: str, workdir: Path, target: str = "data") -> str:
+    """Materialise the data version a saved ``.dvc`` file names in ``workdir``, leaving ``project`` as it is.
+
+    ``workdir`` becomes a throw-away DVC repository that shares the project's cache and remote, so
+    the files come from the local cache when they are there and from the remote otherwise.
+    Returns the restored hash.
+    """
+    project, workdir = project.resolve(), workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    dvc("init", "-q", "--no-scm", cwd=workdir)
+    dvc("config", "core.analytics", "false", cwd=workdir)
+    cache = dvc("cache", "dir", cwd=project, check=False).stdout.strip() or str(project / ".dvc" / "cache")
+    dvc("config", "cache.dir", cache, cwd=workdir)
+    for line in dvc("remote", "list", cwd=project, check=False).stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            name, url = parts[0], parts[1]
+            if "://" not in url and not Path(url).is_absolute():
+                url = str((project / ".dvc" / url).resolve())
+            dvc("remote", "add", "-f", "-d", name, url, cwd=workdir)
+    (workdir / f"{target}.dvc").write_text(dvc_file_text)
+    res = dvc("checkout", "-q", f"{target}.dvc", cwd=workdir, check=False)
+    if res.returncode != 0:
+        dvc("pull", "-q", f"{target}.dvc", cwd=workdir)
+    return data_hash(workdir, target) or ""

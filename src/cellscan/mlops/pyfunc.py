@@ -1,0 +1,77 @@
+"""The MLflow face of a model bundle: a ``pyfunc`` whose only artifact is the bundle directory.
+
+Every registered version holds exactly the directory :meth:`CellscanModel.save` writes (artifact
+``bundle``), so the registry, ``dvc repro`` (``models/latest``) and the service serve the same
+thing. The directory is opaque here: it is written by ``save`` and read by ``load_dir`` only.
+
+``mlflow.pyfunc.load_model("models:/cellscan@champion").predict(...)`` takes image paths or
+encoded bytes (a list, or a DataFrame with an ``image`` column), or a preprocessed batch
+(N, size, size, C) in [0, 1], and returns one row per image: ``is_anomaly``,
+``reconstruction_error`` and ``threshold``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from cellscan.core.bundle import CellscanModel
+
+BUNDLE_ARTIFACT = "bundle"
+PIP_REQUIREMENTS = [
+    "tensorflow-cpu==2.21.0", "keras==3.15.1", "numpy==2.4.6", "pillow==13.0.0", "pandas==2.3.3",
+    "scipy", "scikit-learn", "mlflow==3.17.2",
+]
+
+
+class CellscanPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """Loads the bundle in ``load_context`` and scores images with it."""
+
+    model: CellscanModel | None = None
+
+    def load_context(self, context: Any) -> None:
+        self.model = CellscanModel.load_dir(Path(context.artifacts[BUNDLE_ARTIFACT]))
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        import numpy as np
+        import pandas as pd
+
+        if self.model is None:
+            self.load_context(context)
+        assert self.model is not None
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+            res = self.model.score_arrays(model_input.astype(np.float32))
+        else:
+            if isinstance(model_input, pd.DataFrame):
+                sources = list(model_input["image"] if "image" in model_input else model_input.iloc[:, 0])
+            elif isinstance(model_input, str | bytes | Path):
+                sources = [model_input]
+            else:
+                sources = list(model_input)
+            res = self.model.score_images(sources)
+        return pd.DataFrame([res.record(i) for i in range(len(res.scores))])
+
+
+def log_bundle(bundle_dir: Path, registered_model_name: str | None) -> Any:
+    """Log ``bundle_dir`` as the pyfunc model ``model`` of the active run (and register it)."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=CellscanPyfunc(),
+        artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=registered_model_name,
+    )
+
+
+def load_bundle(model_uri: str) -> CellscanModel:
+    """Load a logged or registered pyfunc (``models:/...``, ``runs:/...``) back into a CellscanModel."""
+    pm = mlflow.pyfunc.load_model(model_uri)
+    inner = pm.unwrap_python_model()
+    if not isinstance(inner, CellscanPyfunc) or inner.model is None:
+        from cellscan.errors import ModelError
+
+        msg = f"{model_uri} is not a cellscan bundle model"
+        raise ModelError(msg)
+    return inner.model
