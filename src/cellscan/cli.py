@@ -87,21 +87,11 @@ def _dump(obj: Any) -> None:
 
 
 def _load_model(ref: str) -> Any:
-    """A model directory, or a registry reference: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-    from cellscan.core.bundle import CellscanModel
-
-    if not ref.startswith("models:/"):
-        return CellscanModel.load_dir(Path(ref))
-    from dataclasses import replace
-
+    """A bundle directory, ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a version or an alias."""
     from cellscan.mlops import registry
     from cellscan.settings import Settings
 
-    name, sep, alias = ref.removeprefix("models:/").partition("@")
-    if not sep:
-        name, _, alias = name.partition("/")
-    settings = replace(Settings.from_env(), model_name=name)
-    model, _ = registry.load_model(settings, alias)
+    model, _ = registry.load_model(ref, Settings.from_env())
     return model
 
 
@@ -321,10 +311,10 @@ def models_list(as_json: JsonOpt = False) -> None:
         _dump(rows)
         return
     t = Table(title=f"registered model {_settings().model_name} ({_settings().tracking_uri})")
-    for col in ("version", "aliases", "kind", "image_auroc", "f1", "threshold", "data_hash", "gate"):
+    for col in ("version", "aliases", "run", "image_auroc", "f1", "threshold", "data_hash", "gate"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["version"]), ",".join(r["aliases"]), r["kind"], _num(r["image_auroc"]), _num(r["f1"]),
+        t.add_row(str(r["version"]), ",".join(r["aliases"]), r["run_name"], _num(r["image_auroc"]), _num(r["f1"]),
                   _num(r["threshold"]), r["data_hash"][:12], r["gate"][:60])
     out.print(t)
 
@@ -349,6 +339,84 @@ def models_rollback(
 
     v = registry.rollback(_settings(), version)
     out.print(f"champion is now version {v}")
+
+
+@models_app.command("show")
+@_boundary
+def models_show(
+    version: Annotated[str, typer.Argument(help="Version number or alias.")] = "champion",
+    as_json: JsonOpt = False,
+) -> None:
+    """Lineage of VERSION: run, data hash, git commit, params, metrics, gate reason and the champion it was compared with."""
+    from cellscan.mlops import registry
+
+    info = registry.lineage(_settings(), version)
+    if as_json:
+        _dump(info)
+        return
+    head = Table(title=f"{_settings().model_name} version {info['version']} {','.join(info['aliases'])}", show_header=False)
+    for k in ("run_name", "run_id", "kind", "data_hash", "git_commit", "duration_s", "gate", "compared_with", "description"):
+        head.add_row(k, _num(info.get(k)) if info.get(k) is not None else "-")
+    out.print(head)
+    champ = info.get("champion_metrics") or {}
+    t = Table(title="metrics (champion: on the same data at gate time)")
+    for col in ("metric", "this version", f"champion v{info.get('compared_with')}"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    for k, v in sorted(info["metrics"].items()):
+        if not k.startswith("epoch_"):
+            t.add_row(k, _num(v), _num(champ[k]) if k in champ else "")
+    out.print(t)
+    p = Table(title="params")
+    p.add_column("param")
+    p.add_column("value")
+    for k, v in sorted(info["params"].items()):
+        p.add_row(k, str(v))
+    out.print(p)
+
+
+@models_app.command("reproduce")
+@_boundary
+def models_reproduce(
+    version: Annotated[str, typer.Argument(help="Version number or alias.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrain VERSION from its logged data version (DVC cache or remote) and params; print the metric difference."""
+    from cellscan.mlops import steps
+
+    s = _settings()
+    with console.status(f"restoring data and retraining version {version}"):
+        res = steps.reproduce(s, version, s.home)
+    if as_json:
+        _dump(res)
+        return
+    same = "same data" if res["same_data"] else f"DIFFERENT data ({res['restored_hash']})"
+    t = Table(title=f"reproduce version {res['version']} ({res['run_name']}, data {res['data_hash']}: {same})")
+    for col in ("metric", "logged", "reproduced", "difference"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    for k in sorted(res["diff"]):
+        t.add_row(k, _num(res["logged"][k]), _num(res["reproduced"][k]), _num(res["diff"][k]))
+    out.print(t)
+
+
+@models_app.command("register")
+@_boundary
+def models_register(
+    bundle_dir: Annotated[Path, typer.Argument(help="Model bundle directory (e.g. models/latest from dvc repro).")],
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml (default: in the project).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a bundle directory as a new version, through the champion gate."""
+    from cellscan.mlops import steps
+
+    s = _settings()
+    p = load_params(params or s.home / "params.yaml")
+    with steps.training_lock(s.home):
+        res = steps.register_bundle(s, p, s.home, bundle_dir)
+    if as_json:
+        _dump(res)
+        return
+    verdict = "champion" if res["promoted"] else "challenger"
+    out.print(f"registered {bundle_dir} as version {res['version']} (run {res['run_name']}): {verdict}, {res['reason']}")
 
 
 client_app = typer.Typer(help="Talk to a running cellscan service.", no_args_is_help=True)
