@@ -3,29 +3,41 @@
     bentoml serve service.service:Cellscan --host 127.0.0.1 --port 3000     (docs at /docs)
 
 Endpoint bodies validate, call cellscan, and answer; the logic lives in src/cellscan.
-Environment: CELLSCAN_HOME (project folder, default cwd), MLFLOW_TRACKING_URI, CELLSCAN_API_KEY
-(required on /retrain, /anomaly, /rollback when set), CELLSCAN_URL_ALLOWLIST, CELLSCAN_FILE_URL_DIR,
-CELLSCAN_POLL_SECONDS (champion check interval).
+The environment is read once, into :func:`settings` (see cellscan.settings for the variables).
+Training never runs here: /retrain and /anomaly store their image and queue a job
+(cellscan.serve.jobs) that runs the flow in another process, or as a Prefect deployment run when
+PREFECT_API_URL is set.
 """
 
 
 import asyncio
 import base64
+import functools
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
+from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
 from fastapi import FastAPI, HTTPException
 from pydantic import Field
 
 # Upload fields are typed `Path` with a None default: BentoML 1.4.39 fails on Optional[Path]
 # (unhashable FileSchema inside typing.Union) and ignores uploads inside PEP 604 `Path | None`.
 
+REPO = Path(__file__).resolve().parent.parent  # where flows/ lives: the job processes run there
 ops = FastAPI(title="cellscan operations")
 _SERVICES: list[Any] = []
+
+
+@functools.cache
+def settings() -> Any:
+    """The service's settings: the environment, read once per process."""
+    from cellscan.settings import Settings, setup_offline
+
+    setup_offline()
+    return Settings.from_env()
 
 
 class BadRequest(InvalidArgument):
@@ -61,11 +73,12 @@ def health() -> dict[str, Any]:
     """Liveness plus the served model (BentoML's /readyz and /livez answer too)."""
     s = _svc()
     return {"status": "ok" if s.holder.version else "no_model", "model_version": s.holder.version,
-            "model_name": s.settings.model_name, "last_error": s.holder.last_error}
+            "model_name": s.settings.model_name, "last_error": s.holder.last_error,
+            "pending_jobs": s.jobs.pending()}
 
 
 class ApiKeyMiddleware:
-    """Mutating routes need the X-API-Key header when CELLSCAN_API_KEY is set (401 missing, 403 wrong).
+    """Mutating routes need the X-API-Key header when an API key is configured (401 missing, 403 wrong).
 
     An ASGI middleware rather than a check in the endpoint, because BentoML replaces the message of
     401/403 errors raised in endpoints with a generic one.
@@ -77,9 +90,7 @@ class ApiKeyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        from cellscan.serve.runtime import api_key
-
-        want = api_key()
+        want = settings().api_key
         if scope["type"] == "http" and want and scope["path"].rstrip("/") in self.PROTECTED:
             from starlette.responses import JSONResponse
 
@@ -98,19 +109,18 @@ class ApiKeyMiddleware:
 @bentoml.asgi_app(ops, path="/")
 class Cellscan:
     def __init__(self) -> None:
+        self.settings = settings()  # first: it switches telemetry off before MLflow is imported
         from cellscan.core.config import load_params
-        from cellscan.settings import Settings, setup_offline
-
-        setup_offline()
         from cellscan.serve.fetch import FetchPolicy
-        from cellscan.serve.runtime import Batcher, Jobs, ModelHolder
+        from cellscan.serve.jobs import Jobs, make_runner
+        from cellscan.serve.runtime import Batcher, ModelHolder
 
-        self.project = Path(os.environ.get("CELLSCAN_HOME", ".")).resolve()
-        self.settings = Settings.from_env(self.project)
+        self.project = self.settings.home
         self.params = load_params(self.project / "params.yaml")
-        self.policy = FetchPolicy.from_env()
-        self.holder = ModelHolder(self.settings, float(os.environ.get("CELLSCAN_POLL_SECONDS", "10")))
-        self.jobs = Jobs()
+        self.policy = FetchPolicy.from_settings(self.settings)
+        self.holder = ModelHolder(self.settings)
+        runner = make_runner(self.settings, REPO, os.environ, self.project / "runs" / "jobs")
+        self.jobs = Jobs(runner, self.settings.max_pending_jobs, on_done=lambda job: self.holder.refresh())
         self.m_pred = bentoml.metrics.Counter("cellscan_predictions_total", "Predictions by outcome", ["result"])
         self.m_score = bentoml.metrics.Histogram("cellscan_score", "Image scores (reconstruction_error)",
                                                  buckets=(-2, -1, 0, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, float("inf")))
@@ -192,58 +202,59 @@ class Cellscan:
         name, data = await asyncio.to_thread(self._bytes, image_url, image)
         return await self._one(name, data, heatmap)
 
-    def _store_and_run(self, kind: str, role: str, image_url: str | None, image: Path | None, wait: bool,
-                       defect: str = "anomaly") -> dict[str, Any]:
-        from cellscan.mlops import steps as pipeline
+    async def _store_and_run(self, kind: str, role: str, image_url: str | None, image: Path | None, wait: bool,
+                             defect: str = "anomaly") -> Any:
+        """Validate and store the image, queue a training job (another process), answer or wait for it."""
+        from starlette.responses import JSONResponse
 
-        name, data = self._bytes(image_url, image)
-        self._decode(name, data)  # refuse what is not an image before storing anything
-        root = self.project / self.params.data.root
-        stored = pipeline.add_images(root, role, [(name, data)], defect=defect)
+        from cellscan.errors import BusyError
+        from cellscan.mlops import steps
 
-        def run() -> dict[str, Any]:
-            if kind == "retrain":
-                from flows.retrain import retrain_flow
-
-                out = retrain_flow(project=str(self.project))
-            else:
-                from flows.evaluate_threshold import evaluate_threshold_flow
-
-                out = evaluate_threshold_flow(project=str(self.project))
-            self.holder.refresh()
-            return out
-
-        job = self.jobs.submit(kind, run)
+        name, data = await asyncio.to_thread(self._bytes, image_url, image)
+        await asyncio.to_thread(self._decode, name, data)  # refuse what is not an image before storing anything
+        try:
+            job = self.jobs.reserve(kind)
+        except BusyError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=429,
+                                headers={"Retry-After": str(self.jobs.retry_after_s)})
+        try:
+            root = self.project / self.params.data.root
+            stored = await asyncio.to_thread(steps.add_images, root, role, [(name, data)], defect)
+        except BaseException:
+            self.jobs.discard(job)
+            raise
+        self.jobs.start(job)
         head = {"job_id": job.id, "stored": [str(p.relative_to(self.project)) for p in stored]}
         if not wait:
             return head | {"status": job.status}
-        self.jobs.wait(job)
+        if not await self.jobs.wait_async(job, self.settings.job_timeout_s):
+            msg = f"{kind} still {job.status} after {self.settings.job_timeout_s:g} s; poll GET /jobs/{job.id}"
+            return JSONResponse(head | {"status": job.status, "error": msg}, status_code=202)
         if job.status == "failed":
-            raise BentoMLException(f"{kind} failed: {job.error}; the champion keeps serving")
-        res = job.result or {}
-        keys = ("new_validation_error", "new_anomaly_error", "threshold", "version", "promoted", "reason")
-        return head | {"status": job.status} | {k: res[k] for k in keys if k in res}
+            msg = f"{kind} failed: {job.error}; the champion keeps serving"
+            return JSONResponse(head | {"status": job.status, "error": msg}, status_code=500)
+        return head | {"status": job.status, "flow_run_id": job.flow_run_id} | job.answer()
 
     @bentoml.api(route="/retrain")
-    def retrain(
+    async def retrain(
         self,
         image_url: str | None = Field(None, description="URL of a new normal image"),
         image: Path = Field(None, description="an uploaded new normal image"),
         wait: bool = Field(True, description="wait for the retraining (false: answer a job id at once)"),
-    ) -> dict[str, Any]:
-        """Store a new normal image and retrain: {new_validation_error, new_anomaly_error}."""
-        return self._store_and_run("retrain", "temp", image_url, image, wait)
+    ) -> Any:
+        """Store a new normal image and retrain in another process: {new_validation_error, new_anomaly_error}."""
+        return await self._store_and_run("retrain", "temp", image_url, image, wait)
 
     @bentoml.api(route="/anomaly")
-    def anomaly(
+    async def anomaly(
         self,
         image_url: str | None = Field(None, description="URL of a known anomaly"),
         image: Path = Field(None, description="an uploaded known anomaly"),
         defect: str = Field("anomaly", description="defect type (folder name)", pattern=r"^[A-Za-z0-9_-]{1,40}$"),
         wait: bool = Field(True, description="wait for the re-evaluation (false: answer a job id at once)"),
-    ) -> dict[str, Any]:
-        """Store a known anomaly and re-evaluate errors and threshold: a new model version."""
-        return self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
+    ) -> Any:
+        """Store a known anomaly and re-evaluate errors and threshold (in another process): a new model version."""
+        return await self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
 
     @bentoml.api(route="/rollback")
     def rollback(self, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
@@ -257,6 +268,11 @@ class Cellscan:
             raise NotFound(str(exc)) from None
         self.holder.refresh()
         return {"champion": v, "serving": self.holder.version}
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.jobs.close()
+        self.holder.stop()
 
 
 Cellscan.add_asgi_middleware(ApiKeyMiddleware)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -62,7 +63,7 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
         "CELLSCAN_HOME": str(project),
         "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db",
         "PREFECT_HOME": str(root / "prefect"),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
     env.pop("CELLSCAN_MODEL_NAME", None)
     # Train the first champion with the real flow, in its own process.
@@ -94,7 +95,7 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
             if proc.poll() is not None:
                 pytest.fail(f"bentoml serve exited: {(root / 'serve.log').read_text()[-2000:]}")
             time.sleep(1)
-        yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root}
+        yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root, "pid": proc.pid}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -178,6 +179,29 @@ def test_mutating_endpoints_need_the_api_key(served, key, status, needle):
     assert sorted((served["project"] / "data").rglob("*.png")) == stored_before
 
 
+def _pngs(served) -> int:
+    return len(list((served["project"] / "data").rglob("*.png")))
+
+
+def _running_pid(c: httpx.Client, job_ids: list[str], seconds: float = 120) -> int:
+    """Wait until one of the jobs runs and reports its process; its pid."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            j = c.get(f"/jobs/{job_id}").json()
+            if j["status"] == "running" and j["pid"]:
+                return int(j["pid"])
+            assert j["status"] in ("queued", "running"), j
+        time.sleep(0.2)
+    pytest.fail(f"jobs {job_ids} did not start in {seconds} s")
+
+
+def _timed(fn, *args, **kwargs) -> tuple[httpx.Response, float]:
+    t0 = time.perf_counter()
+    r = fn(*args, **kwargs)
+    return r, time.perf_counter() - t0
+
+
 def test_retrain_jobs_anomaly_and_rollback(served):
     project = served["project"]
     with _client(served) as c:
@@ -191,6 +215,31 @@ def test_retrain_jobs_anomaly_and_rollback(served):
         assert len(set(ids)) == 2
         for a in answers:
             assert (project / a["stored"][0]).exists() or (project / "data/cells/train/good").glob("new_*")
+
+        # Past the limit (CELLSCAN_MAX_PENDING_JOBS, 2 by default): 429 with Retry-After, nothing stored.
+        before = _pngs(served)
+        r = c.post("/retrain", json={"image_url": _image(served, "test/good"), "wait": False})
+        assert r.status_code == 429, r.text
+        assert "limit 2" in r.json()["error"] and int(r.headers["retry-after"]) > 0
+        assert _pngs(served) == before
+
+        # The training runs in a child process of the service's worker, not in the worker itself.
+        pid = _running_pid(c, ids)
+        child = psutil.Process(pid)
+        assert "flows.retrain" in child.cmdline()
+        worker = child.parent()
+        serve_tree = [psutil.Process(served["pid"]), *psutil.Process(served["pid"]).children(recursive=True)]
+        assert worker.pid != pid and worker.pid in {p.pid for p in serve_tree}
+        assert "flows.retrain" not in " ".join(worker.cmdline())
+
+        # While it trains, predictions, rollback and the operations routes answer at once.
+        r, dt = _timed(c.post, "/predict", json={"image_url": _image(served)})
+        assert r.status_code == 200 and dt < 5, (r.status_code, dt)
+        r, dt = _timed(c.post, "/rollback", json={"version": 999})
+        assert r.status_code == 404 and dt < 5, (r.status_code, dt)
+        r, dt = _timed(c.get, "/health")
+        assert r.json()["pending_jobs"] >= 1 and dt < 5, (r.text, dt)
+
         results = []
         for job_id in ids:
             for _ in range(300):
@@ -201,17 +250,21 @@ def test_retrain_jobs_anomaly_and_rollback(served):
                 assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
                 time.sleep(1)
             assert j["status"] == "done", j
+            assert j["pid"] and j["pid"] != worker.pid
             results.append(j["result"])
-        assert {"new_validation_error", "new_anomaly_error"} <= set(results[0])
+        assert {"new_validation_error", "new_anomaly_error", "version", "promoted", "reason"} <= set(results[0])
         assert len(list((project / "data/cells/train/good").glob("new_*"))) == 2
         assert sorted(r["version"] for r in results) == [2, 3]
         assert c.get("/jobs/nope").status_code == 404
+        # The service follows the champion as soon as a job ends.
+        assert c.get("/health").json()["model_version"] == c.get("/models").json()["serving"]
 
-        # A known anomaly: errors and threshold re-evaluated into a new version.
+        # A known anomaly (waiting for the job): errors and threshold re-evaluated into a new version.
         r = c.post("/anomaly", json={"image_url": _image(served, "test/crack"), "defect": "crack"})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert {"new_validation_error", "new_anomaly_error", "threshold"} <= set(body)
+        assert {"new_validation_error", "new_anomaly_error", "threshold", "version", "promoted", "reason"} <= set(body)
+        assert body["status"] == "done" and c.get(f"/jobs/{body['job_id']}").json()["kind"] == "anomaly"
         newest = body["version"]
 
         # Rollback: the alias moves and the service follows.
@@ -233,3 +286,18 @@ def test_failed_retrain_keeps_the_champion_serving(served):
         assert r.status_code == 400 and "not an image" in r.text
         assert c.get("/health").json()["model_version"] == before
         assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
+
+        # A training process that dies: the job fails with a clear error, the champion keeps serving.
+        r = c.post("/retrain", json={"image_url": _image(served, "test/good"), "wait": False})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job_id"]
+        os.killpg(_running_pid(c, [job_id]), 9)
+        for _ in range(60):
+            j = c.get(f"/jobs/{job_id}").json()
+            if j["status"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert j["status"] == "failed" and "killed by SIGKILL" in j["error"], j
+        assert c.get("/health").json()["pending_jobs"] == 0
+        assert c.get("/health").json()["model_version"] == before
+        assert c.post("/predict", json={"image_url": _image(served)}).json()["model_version"] == before

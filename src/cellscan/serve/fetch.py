@@ -14,7 +14,6 @@ Rules (each refusal raises :class:`FetchError`, a 400 at the service):
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from cellscan.errors import FetchError
-
+from cellscan.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,10 @@ class FetchPolicy:
     _nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_env(cls) -> FetchPolicy:
-        allow = tuple(a.strip() for a in os.environ.get("CELLSCAN_URL_ALLOWLIST", "").split(",") if a.strip())
-        fdir = os.environ.get("CELLSCAN_FILE_URL_DIR")
-        return cls(
-            allow=allow,
-            file_dir=Path(fdir).resolve() if fdir else None,
-            timeout_s=float(os.environ.get("CELLSCAN_FETCH_TIMEOUT", "5")),
-            max_bytes=int(os.environ.get("CELLSCAN_FETCH_MAX_BYTES", str(20 * 1024 * 1024))),
-        )
+    def from_settings(cls, settings: Settings) -> FetchPolicy:
+        """The policy the settings describe (CELLSCAN_URL_ALLOWLIST, _FILE_URL_DIR, _FETCH_TIMEOUT, _FETCH_MAX_BYTES)."""
+        return cls(allow=settings.url_allowlist, file_dir=settings.file_url_dir,
+                   timeout_s=settings.fetch_timeout_s, max_bytes=settings.fetch_max_bytes)
 
     def _allowed(self, host: str, port: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         for entry in self.allow:
@@ -110,12 +104,12 @@ def _client(timeout: float) -> httpx.Client:
 
 
 def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
-    """Download an image URL under ``policy``; returns the raw bytes (decode them to check them).
+    """Download an image URL under ``policy`` (default: the strictest); returns the raw bytes.
 
     Raises:
         FetchError: the URL is refused, times out, answers an error status or is too large.
     """
-    policy = policy or FetchPolicy.from_env()
+    policy = policy or FetchPolicy()  # the strictest: public http(s) only
     if not isinstance(url, str) or not url.strip():
         msg = "image_url must be a non-empty string"
         raise FetchError(msg)

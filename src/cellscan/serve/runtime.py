@@ -1,45 +1,40 @@
-"""Serving state behind the BentoML service: the champion, batching, jobs and metrics.
+"""Serving state behind the BentoML service: the champion and batching.
 
 - :class:`ModelHolder` keeps the MLflow champion loaded and swaps in a new one when the alias moves
   (promotion, rollback), by polling and on demand. A request keeps the model object it started
   with, so a swap never drops requests in flight.
 - :class:`Batcher` gathers concurrent predictions for a few milliseconds and scores them in one
   model call (adaptive batching: the batch grows with the load).
-- :class:`Jobs` runs retraining and re-evaluation one at a time in a background thread, so they
-  never block predictions and never run two trainings over the same data at once.
+
+Training jobs live in :mod:`cellscan.serve.jobs`: they run in other processes, never here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-import time
-import traceback
-import uuid
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from cellscan.mlops import registry
 from cellscan.core.bundle import CellscanModel
 from cellscan.errors import NoModelError
+from cellscan.mlops import registry
 from cellscan.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-
 class ModelHolder:
     """The current champion, reloaded when the alias moves."""
 
-    def __init__(self, settings: Settings, poll_seconds: float = 10.0) -> None:
+    def __init__(self, settings: Settings, poll_seconds: float | None = None) -> None:
         self.settings = settings
+        poll_seconds = settings.poll_seconds if poll_seconds is None else poll_seconds
         self._lock = threading.Lock()
         self._model: CellscanModel | None = None
         self._version: int | None = None
@@ -143,63 +138,3 @@ class Batcher:
         if self.on_batch:
             self.on_batch(len(xs))
         return [(res.record(i), res.maps[i], version) for i in range(len(xs))]
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    status: str = "queued"  # queued | running | done | failed
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    future: Future[None] | None = field(default=None, repr=False)
-
-    def view(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
-                "finished": self.finished, "result": self.result, "error": self.error}
-
-
-class Jobs:
-    """Background jobs, run one at a time in submission order."""
-
-    def __init__(self, keep: int = 200) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._order: deque[str] = deque(maxlen=keep)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
-
-    def submit(self, kind: str, fn: Callable[[], dict[str, Any]]) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind)
-        if len(self._order) == self._order.maxlen:
-            self._jobs.pop(self._order[0], None)
-        self._order.append(job.id)
-        self._jobs[job.id] = job
-
-        def run() -> None:
-            job.status = "running"
-            try:
-                job.result = fn()
-                job.status = "done"
-            except Exception as exc:
-                job.error = f"{type(exc).__name__}: {exc}"
-                job.status = "failed"
-                logger.error("job %s (%s) failed:\n%s", job.id, kind, traceback.format_exc())
-            finally:
-                job.finished = time.time()
-
-        job.future = self._executor.submit(run)
-        return job
-
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
-
-    def wait(self, job: Job, timeout: float | None = None) -> Job:
-        if job.future is not None:
-            job.future.result(timeout)
-        return job
-
-
-def api_key() -> str | None:
-    key = os.environ.get("CELLSCAN_API_KEY", "").strip()
-    return key or None
