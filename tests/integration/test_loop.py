@@ -14,7 +14,6 @@ from cellscan.mlops import steps as pipeline
 from cellscan.mlops import registry
 from cellscan.core.bundle import CellscanModel
 from cellscan.cli import app
-from cellscan.core.config import load_params
 from cellscan.core.data import load_dataset
 from cellscan.core.evaluate import evaluate_model
 from cellscan.mlops.versioning import data_hash
@@ -29,72 +28,111 @@ def _train(project, **kw):
 
 
 def _scores(settings, project, ref="champion"):
-    model, version = registry.load_model(settings, ref)
+    model, version = registry.load_model(ref, settings)
     paths = sorted((project / "data/cells/test").rglob("*.png"))
     return version, model.score_images(paths).scores
+
+
+def _cli(settings, *args):
+    env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "CELLSCAN_HOME": str(settings.home)}
+    return CliRunner().invoke(app, list(args), env=env)
 
 
 def test_train_flow_registers_a_champion_with_its_data_version(project, settings):
     out = _train(project)
     assert out["promoted"] and out["reason"] == "no champion yet"
     assert out["data_hash"] == data_hash(project) and out["data_hash"].endswith(".dir")
+    assert {"new_validation_error", "new_anomaly_error", "version", "promoted", "reason"} <= set(out)
     rows = registry.list_versions(settings)
     assert [(r["version"], r["aliases"]) for r in rows] == [(1, ["champion"])]
     assert rows[0]["data_hash"] == data_hash(project)
 
     import mlflow
 
+    # The run spans the training, has a readable name and the data version as a dataset input.
     run = mlflow.get_run(out["run_id"])
+    assert run.info.run_name == out["run_name"] == f"train-{data_hash(project)[:8]}"
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time - run.info.start_time >= 1000 * run.data.metrics["train_seconds"]
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.digest == data_hash(project)
     assert run.data.tags["data_hash"] == data_hash(project)
     assert "image_auroc" in run.data.metrics and "epoch_loss" in run.data.metrics
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"], "evaluation")}
-    assert {"evaluation/roc.png", "evaluation/score_histogram.png", "evaluation/data.dvc"} <= arts
+    assert run.data.metrics["threshold"] == pytest.approx(rows[0]["threshold"])
+    mc = mlflow.MlflowClient()
+    arts = {a.path for a in mc.list_artifacts(out["run_id"], "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/score_histogram.png", "evaluation/data.dvc",
+            "evaluation/examples.png"} <= arts
 
-    # The CLI predicts from the registry alias.
+    # The version holds the bundle once (a pyfunc); no threshold in its tags; the gate's reason in its description.
+    mv = mc.get_model_version("cellscan", "1")
+    assert "threshold" not in mv.tags and "no champion yet" in mv.description
+    model, version = registry.load_model("models:/cellscan@champion", settings)
+    assert version == 1 and model.threshold == pytest.approx(rows[0]["threshold"])
+    pm = mlflow.pyfunc.load_model("models:/cellscan/1")
     img = next((project / "data/cells/test/void").glob("*.png"))
-    res = CliRunner().invoke(app, ["predict", str(img), "--model", "models:/cellscan@champion", "--json"],
-                             env={"MLFLOW_TRACKING_URI": settings.tracking_uri})
+    pred = pm.predict([str(img)])
+    assert pred["threshold"].iloc[0] == pytest.approx(model.threshold)
+
+    # The CLI predicts from the registry alias, and shows the lineage.
+    res = _cli(settings, "predict", str(img), "--model", "models:/cellscan@champion", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)[0]["threshold"] == pytest.approx(rows[0]["threshold"])
+    res = _cli(settings, "models", "show", "1", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["run_name"] == out["run_name"] and info["data_hash"] == data_hash(project)
+    assert info["gate"] == "promoted: no champion yet" and info["compared_with"] == "none"
+    assert info["params"]["train.epochs"] == "3" and "image_auroc" in info["metrics"]
 
 
-def test_worse_challenger_is_not_promoted(project, settings):
+def test_worse_challenger_registered_from_a_directory_is_not_promoted(project, settings, tmp_path):
     _train(project)
-    champion, _ = registry.load_model(settings)
+    champion, _ = registry.load_model("champion", settings)
     # A challenger that copies its input: zero error everywhere, so it cannot tell anomalies apart.
     inp = keras.Input(champion.keras_model.input_shape[1:])
     identity = keras.Model(inp, keras.layers.Identity()(inp))
     challenger = CellscanModel(identity, dict(champion.meta), champion.stats)
-    root = project / "data/cells"
-    ev = evaluate_model(challenger, load_dataset(root), calibrate=True)
-    challenger = challenger.with_threshold(ev.threshold)
-    reg = registry.log_and_register(settings, challenger, ev, data_hash=data_hash(project), kind="train")
-    params = load_params(project / "params.yaml")
-    decision = pipeline.gate(settings, reg, params, root)
-    assert not decision["promoted"]
-    assert decision["reason"].startswith("worse: image_auroc 0.5000")
+    ev = evaluate_model(challenger, load_dataset(project / "data/cells"), calibrate=True)
+    bundle = challenger.with_threshold(ev.threshold).save(tmp_path / "bundle")
+
+    res = _cli(settings, "models", "register", str(bundle), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["version"] == 2 and not out["promoted"]
+    assert out["reason"].startswith("worse: image_auroc 0.5000")
     aliases = {r["version"]: r["aliases"] for r in registry.list_versions(settings)}
     assert aliases == {1: ["champion"], 2: ["challenger"]}
+    info = registry.lineage(settings, 2)
+    assert info["compared_with"] == "1" and info["champion_metrics"]["image_auroc"] > 0.5
+    assert info["gate"].startswith("rejected: worse") and "compared with champion version 1" in info["description"]
+    assert info["run_name"] == f"register-{data_hash(project)[:8]}"
 
 
-def test_rollback_restores_the_previous_champions_predictions(project, settings):
+def test_rollback_after_an_alias_move_made_outside_cellscan(project, settings):
     _train(project)
     v1, s1 = _scores(settings, project)
     _train(project, overrides={"base.seed": 5})
-    registry.promote(settings, 2, "test")
+    # Someone moves the alias in the MLflow UI (not through cellscan): no history tag is written.
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias("cellscan", "champion", "2")
     v2, s2 = _scores(settings, project)
     assert (v1, v2) == (1, 2) and not np.allclose(s1, s2)
+    assert registry.previous_champion(settings) == 1
 
-    runner = CliRunner()
-    res = runner.invoke(app, ["models", "rollback"], env={"MLFLOW_TRACKING_URI": settings.tracking_uri})
+    res = _cli(settings, "models", "rollback")
     assert res.exit_code == 0 and "champion is now version 1" in res.stdout
     v, s = _scores(settings, project)
     assert v == 1
     np.testing.assert_allclose(s, s1, rtol=1e-5)
     # Nothing earlier to roll back to now: a clear error, the champion stays.
-    res = runner.invoke(app, ["models", "rollback"], env={"MLFLOW_TRACKING_URI": settings.tracking_uri})
+    res = _cli(settings, "models", "rollback")
     assert res.exit_code == 1 and "no previous champion" in res.output
     assert registry.champion_version(settings) == 1
+    # Version 2 was rolled back from: promoting again is explicit, and then rollback returns to 1.
+    registry.promote(settings, 2, "test")
+    assert registry.rollback(settings) == 1
 
 
 def test_training_that_fails_midway_leaves_the_champion(project, settings, monkeypatch):
@@ -121,6 +159,10 @@ def test_training_that_fails_midway_leaves_the_champion(project, settings, monke
         train_flow(project=str(project))
     assert calls["n"] > 3  # it did fail inside fitting
     assert registry.list_versions(settings) == before
+    import mlflow
+
+    last = mlflow.search_runs(experiment_names=["cellscan"], order_by=["start_time DESC"], max_results=1)
+    assert last["status"].iloc[0] == "FAILED"
     assert registry.champion_version(settings) == 1
     assert sorted(p.name for p in (project / "data/cells").rglob("*.png")) == images_before
 
@@ -141,7 +183,16 @@ def test_retrain_takes_temp_images_as_a_new_data_version(project, settings):
     assert out["moved"] == 2 and out["version"] == 2
     assert out["data_hash"] != first_hash == registry.list_versions(settings)[-1]["data_hash"]
     assert len(list(train_dir.glob("*.png"))) == n_train + 2 and not list(temp.glob("*.png"))
-    assert {"new_validation_error", "new_anomaly_error"} <= set(out)
+    assert {"new_validation_error", "new_anomaly_error", "promoted", "reason"} <= set(out)
+
+    # Reproduce version 1: its data version comes back (in a separate folder), the project keeps the new one.
+    res = _cli(settings, "models", "reproduce", "1", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["same_data"] and rep["restored_hash"] == first_hash != data_hash(project)
+    assert rep["reproduced"]["n_normal"] == rep["logged"]["n_normal"]
+    assert set(rep["diff"]) >= {"image_auroc", "f1", "validation_error"}
+    assert len(list(train_dir.glob("*.png"))) == n_train + 2
 
 
 def test_evaluate_threshold_flow_makes_a_new_version(project, settings):
@@ -151,11 +202,16 @@ def test_evaluate_threshold_flow_makes_a_new_version(project, settings):
     src = next((project / "data/cells/test/void").glob("*.png"))
     pipeline.add_images(project / "data/cells", "anomaly", [("new.png", src.read_bytes())], defect="void")
 
+    from flows.common import main
     from flows.evaluate_threshold import evaluate_threshold_flow
 
-    out = evaluate_threshold_flow(project=str(project))
+    result = project / "out" / "result.json"
+    assert main(evaluate_threshold_flow, "test", ["--project", str(project), "--result", str(result)]) == 0
+    out = json.loads(result.read_text())
+    assert {"new_validation_error", "new_anomaly_error", "version", "promoted", "reason", "threshold"} <= set(out)
     assert out["version"] == 2 and out["previous_threshold"] == pytest.approx(old["threshold"])
     rows = {r["version"]: r for r in registry.list_versions(settings)}
     assert rows[1]["threshold"] == pytest.approx(old["threshold"])  # the old version is unchanged
     assert rows[2]["kind"] == "threshold"
+    assert out["promoted"] and rows[2]["aliases"] == ["champion"]  # same network, same data: a tie
     assert np.isfinite(out["new_validation_error"]) and np.isfinite(out["new_anomaly_error"])
