@@ -1,6 +1,7 @@
 """Serving benchmark: the cellscan BentoML service against the original design's Flask server.
 
-Both load the same Keras model (trained here on the synthetic set) and answer the same requests
+Both load the same Keras model (the default architecture at 64x64, trained here on a synthetic
+project that :func:`make_project` builds in a temporary folder) and answer the same requests
 ({"image_url": ...} pointing at a local file server) under 1, 8 and 32 concurrent clients.
 Prints requests per second and p50/p99 latency per server and level, and the ratios.
 
@@ -40,6 +41,24 @@ def _port() -> int:
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *a: object) -> None:
         pass
+
+
+def make_project(root: Path, overrides: dict[str, object]) -> Path:
+    """A project to serve: params.yaml (the defaults plus ``overrides``), synthetic data, git + DVC."""
+    import yaml
+
+    from cellscan.core.config import Params
+    from cellscan.core.synth import generate
+    from cellscan.mlops.versioning import init_repo
+
+    params = Params().with_overrides(overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    s = params.synth
+    generate(root / "data" / "cells", size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
+             n_per_defect=s.n_per_defect, seed=11)
+    init_repo(root, root.parent / f"{root.name}-remote")
+    return root
 
 
 def _wait(url: str, proc: subprocess.Popen[bytes], seconds: int = 180) -> None:
@@ -89,15 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))
-    from tests.integration.conftest import make_project  # the same project the tests build
-
     tmp = Path(tempfile.mkdtemp(prefix="cellscan-serving-"))
-    project = make_project(tmp / "proj", **{"data.image_size": 64, "model.base_filters": 32, "model.depth": 3,
-                                            "model.latent_dim": 128, "train.epochs": 3, "synth.size": 128,
-                                            "synth.n_train": 40, "synth.n_test_good": 20, "synth.n_per_defect": 5})
+    project = make_project(tmp / "proj", {"data.image_size": 64, "train.epochs": 3, "synth.size": 128,
+                                          "synth.n_train": 40, "synth.n_test_good": 20, "synth.n_per_defect": 5})
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = os.environ | {"CELLSCAN_HOME": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db",
-                        "PREFECT_HOME": str(tmp / "prefect"), "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+                        "PREFECT_HOME": str(tmp / "prefect"), "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2"}
     print("training the model to serve ...", flush=True)
     subprocess.run([sys.executable, "-c", f"from flows.training import train_flow; train_flow(project={str(project)!r})"],
                    cwd=REPO, env=env, check=True, capture_output=True)

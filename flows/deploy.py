@@ -1,7 +1,13 @@
-"""Register the scheduled retraining deployment with a running Prefect server.
+"""Register cellscan's deployments with a running Prefect server (executed by a worker on ``pool``).
 
     prefect work-pool create cellscan --type process     (scripts/services.sh does this)
-    python -m flows.deploy                                 nightly by default (params: retrain.cron)
+    python -m flows.deploy                                 (retrain nightly by default: params retrain.cron)
+
+- ``retrain/scheduled-retrain``: on a schedule, retrain on the scans waiting in temp/ (skipped when
+  there are none), then gate;
+- ``retrain/service-retrain`` and ``evaluate-threshold/service-evaluate-threshold``: no schedule;
+  the service starts a run of them for each /retrain and /anomaly when PREFECT_API_URL is set
+  (cellscan.serve.jobs), so trainings run in the worker, never in the service.
 
 Needs PREFECT_API_URL pointing at a real ``prefect server`` and a worker on the pool.
 """
@@ -10,36 +16,63 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
 from cellscan.core.config import load_params
+from cellscan.serve.jobs import EVALUATE_DEPLOYMENT, RETRAIN_DEPLOYMENT
 from cellscan.settings import setup_offline
 
 REPO = Path(__file__).resolve().parent.parent
+# The service reads a run's returned dict from its state: the worker's runs must persist results.
+SERVICE_JOB_VARIABLES = {"env": {"PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}}
 
 
-def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "scheduled-retrain") -> str:
-    """Create or update the retrain deployment on ``pool`` with ``cron`` (default: params retrain.cron)."""
-    setup_offline()
-    cron = cron or load_params(REPO / "params.yaml").retrain.cron
-    remote = flow.from_source(source=str(REPO), entrypoint="flows/retrain.py:retrain_flow")
+def _deploy(entrypoint: str, name: str, pool: str, parameters: dict[str, Any], description: str,
+            cron: str | None = None, job_variables: dict[str, Any] | None = None) -> str:
+    remote = flow.from_source(source=str(REPO), entrypoint=entrypoint)
     dep_id = remote.deploy(  # type: ignore[attr-defined]
         name=name,
         work_pool_name=pool,
         cron=cron,
-        parameters={"project": str(REPO), "require_new_images": True},
-        description="Retrain on the scans waiting in temp/ (skipped when there are none), then gate.",
+        parameters=parameters,
+        job_variables=job_variables,
+        description=description,
         print_next_steps=False,
         ignore_warnings=True,
     )
-    print(f"deployment retrain/{name} on pool {pool!r}, schedule {cron!r}: {dep_id}")
     return str(dep_id)
 
 
+def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "scheduled-retrain",
+           project: Path | str = REPO) -> dict[str, str]:
+    """Create or update the three deployments on ``pool``; returns their ids by full name."""
+    setup_offline()
+    project = str(Path(project).resolve())
+    cron = cron or load_params(Path(project) / "params.yaml").retrain.cron
+    ids = {
+        f"retrain/{name}": _deploy(
+            "flows/retrain.py:retrain_flow", name, pool, {"project": project, "require_new_images": True},
+            "Retrain on the scans waiting in temp/ (skipped when there are none), then gate.", cron=cron),
+        f"retrain/{RETRAIN_DEPLOYMENT}": _deploy(
+            "flows/retrain.py:retrain_flow", RETRAIN_DEPLOYMENT, pool, {"project": project},
+            "Started by the service's /retrain: take temp/ into training, retrain, gate.",
+            job_variables=SERVICE_JOB_VARIABLES),
+        f"evaluate-threshold/{EVALUATE_DEPLOYMENT}": _deploy(
+            "flows/evaluate_threshold.py:evaluate_threshold_flow", EVALUATE_DEPLOYMENT, pool, {"project": project},
+            "Started by the service's /anomaly: re-evaluate errors and threshold into a new version.",
+            job_variables=SERVICE_JOB_VARIABLES),
+    }
+    for full, dep_id in ids.items():
+        print(f"deployment {full} on pool {pool!r}{f', schedule {cron!r}' if full.endswith(name) else ''}: {dep_id}")
+    return ids
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", default="cellscan")
     ap.add_argument("--cron", default=None)
+    ap.add_argument("--project", default=str(REPO), help="project folder the runs work on (default: the repo)")
     a = ap.parse_args()
-    deploy(a.pool, a.cron)
+    deploy(a.pool, a.cron, project=a.project)

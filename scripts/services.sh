@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start / stop the long-running parts on 127.0.0.1: MLflow UI, Prefect server + worker (+ the
-# scheduled retrain deployment) and the BentoML prediction service. Logs and pids in runs/services/.
+# deployments: scheduled retrain, and the retrain / evaluate-threshold runs the service starts) and
+# the BentoML prediction service. The service never trains: with PREFECT_API_URL set, /retrain and
+# /anomaly start runs of the deployments, executed by the worker. Logs and pids in runs/services/.
 #   scripts/services.sh start|stop|status
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,7 @@ wait_http() { # url, seconds
 case "${1:-start}" in
   start)
     store=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow/mlflow.db}
+    export MLFLOW_TRACKING_URI=$store CELLSCAN_HOME=$PWD  # the same store for the worker's runs and the service
     launch mlflow mlflow ui --backend-store-uri "$store" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
     launch prefect prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
     wait_http "http://127.0.0.1:$PREFECT_PORT/api/health" 90
@@ -37,12 +40,12 @@ case "${1:-start}" in
     prefect work-pool inspect cellscan >/dev/null 2>&1 || prefect work-pool create cellscan --type process >/dev/null
     python -m flows.deploy --pool cellscan
     launch worker prefect worker start --pool cellscan
-    export CELLSCAN_HOME=$PWD
     launch bentoml bentoml serve service.service:Cellscan --host 127.0.0.1 --port "$BENTO_PORT"
     wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90
     wait_http "http://127.0.0.1:$BENTO_PORT/readyz" 120
     echo "MLflow UI:        http://127.0.0.1:$MLFLOW_PORT"
-    echo "Prefect UI:       http://127.0.0.1:$PREFECT_PORT  (deployment retrain/scheduled-retrain)"
+    echo "Prefect UI:       http://127.0.0.1:$PREFECT_PORT  (deployments retrain/scheduled-retrain,"
+    echo "                  retrain/service-retrain, evaluate-threshold/service-evaluate-threshold)"
     echo "cellscan service: http://127.0.0.1:$BENTO_PORT  (API docs: http://127.0.0.1:$BENTO_PORT/docs)"
     echo "stop them with:   scripts/services.sh stop"
     ;;
