@@ -34,7 +34,8 @@ class CellscanPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         self.model = CellscanModel.load_dir(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
+        # No type hints here: MLflow would try to derive a signature from them.
         import numpy as np
         import pandas as pd
 
@@ -56,6 +57,14 @@ class CellscanPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
 def log_bundle(bundle_dir: Path, registered_model_name: str | None) -> Any:
     """Log ``bundle_dir`` as the pyfunc model ``model`` of the active run (and register it)."""
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow nags about predict's (deliberately absent) type hints
+        warnings.simplefilter("ignore", UserWarning)
+        return _log(bundle_dir, registered_model_name)
+
+
+def _log(bundle_dir: Path, registered_model_name: str | None) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=CellscanPyfunc(),

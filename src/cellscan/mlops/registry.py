@@ -249,7 +249,7 @@ def rollback(settings: Settings, version: int | None = None) -> int:
             msg = f"no previous champion of {name!r} to roll back to (current: {current})"
             raise RegistryError(msg)
     _resolve(mc, name, version)
-    if current is not None and current != version:
+    if current is not None and version < current:  # going back: the newer one is not a candidate again
         mc.set_model_version_tag(name, str(current), ROLLED_BACK_TAG, _stamp(f"rolled back to {version}"))
     mv = mc.get_model_version(name, str(version))
     if ROLLED_BACK_TAG in (mv.tags or {}):

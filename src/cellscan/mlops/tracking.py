@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,9 @@ def _dataset(data_root: Path, data_hash: str) -> Any:
         "file": [str(p.relative_to(data_root)) for p in files],
         "folder": [str(p.parent.relative_to(data_root)) for p in files],
     })
-    return mlflow.data.from_pandas(df, source=str(data_root), name=data_root.name, digest=data_hash[:36])
+    with warnings.catch_warnings():  # a local path matches two equivalent source types
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(df, source=str(data_root), name=data_root.name, digest=data_hash[:36])
 
 
 def close_run(settings: Settings, run: RunInfo, ok: bool = True) -> None:

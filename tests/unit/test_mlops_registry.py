@@ -1,0 +1,109 @@
+"""Registry with a real sqlite MLflow store: references, one bundle per version, gate writes, rollback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cellscan.core.config import GateParams
+from cellscan.errors import ConfigError, RegistryError
+from cellscan.mlops import registry, tracking
+from cellscan.mlops.gate import decide
+from cellscan.settings import Settings
+
+
+@pytest.mark.parametrize(("ref", "want"), [
+    ("models:/cellscan@champion", ("cellscan", "champion")),
+    ("models:/other/3", ("other", 3)),
+    ("7", (None, 7)),
+    (7, (None, 7)),
+    ("champion", (None, "champion")),
+    ("models/latest", (None, Path("models/latest"))),
+])
+def test_parse_ref(ref, want):
+    assert registry.parse_ref(ref) == want
+
+
+def test_parse_ref_rejects_an_incomplete_uri():
+    with pytest.raises(ConfigError):
+        registry.parse_ref("models:/cellscan")
+
+
+def test_load_model_from_a_directory_needs_no_registry(trained, model_dir):
+    model, version = registry.load_model(model_dir)
+    assert version is None and model.threshold == pytest.approx(trained.model.threshold)
+
+
+def test_registry_reference_without_settings_is_a_config_error():
+    with pytest.raises(ConfigError):
+        registry.load_model("champion")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Settings:
+    return Settings.from_env(tmp_path / "proj", env={})
+
+
+def _register(settings: Settings, model_dir: Path, metrics: dict[str, float], champion: dict | None) -> int:
+    run = tracking.open_run(settings, "train")
+    version = tracking.log_and_register(settings, run, model_dir)
+    champ_v = registry.champion_version(settings)
+    registry.apply_decision(settings, version, decide(metrics, champion, GateParams()), champ_v, champion, run.name)
+    tracking.close_run(settings, run)
+    return version
+
+
+def test_versions_gate_and_rollback_after_an_outside_alias_move(trained, model_dir, store):
+    good = {"image_auroc": 0.9, "f1": 0.9}
+    bad = {"image_auroc": 0.5, "f1": 0.1}
+    assert _register(store, model_dir, good, None) == 1
+    assert _register(store, model_dir, bad, good) == 2
+    assert _register(store, model_dir, bad, good) == 3
+    rows = {r["version"]: r for r in registry.list_versions(store)}
+    assert rows[1]["aliases"] == ["champion"] and rows[3]["aliases"] == ["challenger"]
+    assert rows[1]["gate"] == "promoted: no champion yet" and rows[2]["gate"].startswith("rejected: worse")
+    assert rows[1]["run_name"] == "train-unversio"
+
+    info = registry.lineage(store, 2)
+    assert info["compared_with"] == "1" and info["champion_metrics"] == good
+    assert "compared with champion version 1" in info["description"]
+
+    model, version = registry.load_model("models:/cellscan/2", store)
+    assert version == 2 and model.threshold == pytest.approx(trained.model.threshold)
+
+    # Someone moves the alias in the MLflow UI to version 3: rollback goes to the last version that served.
+    registry.client(store).set_registered_model_alias("cellscan", "champion", "3")
+    assert registry.previous_champion(store) == 1
+    assert registry.rollback(store) == 1
+    with pytest.raises(RegistryError, match="no previous champion"):
+        registry.rollback(store)
+    # A manual promotion of 2, then a rollback: back to 1 (3 was rolled back from).
+    assert registry.promote(store, 2, "manual") == 1
+    assert registry.rollback(store) == 1
+    assert registry.rollback(store, 3) == 3
+    assert registry.previous_champion(store) == 1  # 2 was rolled back from, 1 served
+
+
+def test_run_records_params_and_data_files(store, tmp_path):
+    (tmp_path / "d" / "cells" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "cells" / "train" / "a.png").write_bytes(b"x")
+    run = tracking.open_run(store, "train", params={"train": {"epochs": 3}}, data_hash="0" * 32 + ".dir",
+                            dvc_file="outs:\n- md5: x\n", data_root=tmp_path / "d" / "cells", git_commit="abc")
+    tracking.close_run(store, run)
+    assert run.name == "train-00000000"
+    assert tracking.load_params_dict(store, run.run_id) == {"train": {"epochs": 3}}
+    assert tracking.load_dvc_file(store, run.run_id).startswith("outs:")
+    s = tracking.run_summary(store, run.run_id)
+    assert s["params"] == {"train.epochs": "3"} and s["tags"]["git_commit"] == "abc"
+    assert s["datasets"][0]["digest"] == "0" * 32 + ".dir" and s["status"] == "FINISHED"
+
+
+def test_write_result_is_atomic_json(tmp_path):
+    from flows.common import write_result
+
+    target = tmp_path / "sub" / "result.json"
+    write_result(target, {"version": 3, "promoted": True})
+    assert json.loads(target.read_text()) == {"version": 3, "promoted": True}
+    assert [p.name for p in target.parent.iterdir()] == ["result.json"]
