@@ -360,7 +360,8 @@ def models_show(
     out.print(head)
     champ = info.get("champion_metrics") or {}
     t = Table(title="metrics (champion: on the same data at gate time)")
-    for col in ("metric", "this version", f"champion v{info.get('compared_with')}"):
+    cv = info.get("compared_with")
+    for col in ("metric", "this version", f"champion v{cv}" if cv not in (None, "none") else "champion"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for k, v in sorted(info["metrics"].items()):
         if not k.startswith("epoch_"):

@@ -28,14 +28,14 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _rgb(a: np.ndarray) -> Image.Image:
+def _rgb(a: np.ndarray, tw: int) -> Image.Image:
     a = np.asarray(a, np.float32)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=-1)
     img = Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8))
-    return img.resize((TILE, TILE), Image.Resampling.NEAREST)
+    return img.resize((tw, TILE), Image.Resampling.NEAREST)
 
 
 def pick(ev: Evaluation, n: int = 6) -> list[int]:
@@ -47,19 +47,19 @@ def pick(ev: Evaluation, n: int = 6) -> list[int]:
 
 def examples_png(model: CellscanModel, ev: Evaluation, n: int = 6) -> bytes:
     """One row per picked image: input | reconstruction | heatmap, captioned."""
-    from cellscan.core.images import load_batch
     from cellscan.core.plots import overlay
 
     idx = pick(ev, n)
     if not idx:
         msg = "no evaluated images"
         raise ValueError(msg)
-    x = load_batch([ev.paths[i] for i in idx], size=model.image_size, channels=model.channels)
+    x = np.stack([model.load(ev.paths[i]) for i in idx])  # each image the way the model reads it
     res = model.score_arrays(x)
     recon = getattr(res, "recon", None)
     cols = 3 if recon is not None else 2
+    tw = int(np.clip(round(TILE * x.shape[2] / x.shape[1]), 96, 2 * TILE))
     font, small = _font(16), _font(13)
-    sheet = Image.new("RGB", (cols * TILE, len(idx) * (TILE + CAPTION) + 24), "white")
+    sheet = Image.new("RGB", (max(cols * tw, 480), len(idx) * (TILE + CAPTION) + 24), "white")
     draw = ImageDraw.Draw(sheet)
     head = "input | reconstruction | anomaly map" if cols == 3 else "input | anomaly map"
     draw.text((6, 4), f"{head}   (threshold {model.threshold:.4g})", fill="black", font=small)
@@ -72,13 +72,13 @@ def examples_png(model: CellscanModel, ev: Evaluation, n: int = 6) -> bytes:
         colour = (200, 0, 0) if anomalous else (0, 120, 0)
         draw.text((6, y + 2), f"{Path(ev.paths[i]).name}", fill="black", font=font)
         draw.text((6, y + 21), f"truth {truth}   score {score:.4g}   ->  {verdict}", fill=colour, font=small)
-        tiles = [_rgb(x[row])]
+        tiles = [_rgb(x[row], tw)]
         if recon is not None:
-            tiles.append(_rgb(recon[row]))
-        tiles.append(_rgb(overlay(x[row], res.maps[row], model.threshold) / 255.0))
+            tiles.append(_rgb(recon[row], tw))
+        tiles.append(_rgb(overlay(x[row], res.maps[row], model.threshold) / 255.0, tw))
         for c, tile in enumerate(tiles):
-            sheet.paste(tile, (c * TILE, y + CAPTION))
-        draw.rectangle([0, y + CAPTION, cols * TILE - 1, y + CAPTION + TILE - 1], outline=colour, width=3)
+            sheet.paste(tile, (c * tw, y + CAPTION))
+        draw.rectangle([0, y + CAPTION, cols * tw - 1, y + CAPTION + TILE - 1], outline=colour, width=3)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()

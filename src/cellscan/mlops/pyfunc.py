@@ -7,7 +7,7 @@ thing. The directory is opaque here: it is written by ``save`` and read by ``loa
 ``mlflow.pyfunc.load_model("models:/cellscan@champion").predict(...)`` takes image paths or
 encoded bytes (a list, or a DataFrame with an ``image`` column), or a preprocessed batch
 (N, size, size, C) in [0, 1], and returns one row per image: ``is_anomaly``,
-``reconstruction_error`` and ``threshold``.
+``reconstruction_error``, ``threshold`` (whatever ``ScoreResult.record`` gives).
 """
 
 from __future__ import annotations

@@ -109,7 +109,15 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
 
     The bundle is evaluated with its own threshold on the current data (versioned with DVC first).
     """
+    from cellscan.core.config import params_from_dict
+
     model = CellscanModel.load_dir(bundle_dir)
+    trained_with = model.meta.get("params")
+    if isinstance(trained_with, dict):  # log the params the bundle was trained with, when it says
+        try:
+            params = params_from_dict(trained_with)
+        except Exception as exc:  # noqa: BLE001 (an older bundle: fall back to params.yaml)
+            logger.warning("bundle params unreadable (%s): logging params.yaml instead", exc)
     data = version_data(project)
     droot = data_root_of(project, params)
     run = open_run(settings, "register", params, data, project, droot)
@@ -212,7 +220,8 @@ def finetune_source(settings: Settings, params: Params) -> Any:
     if params.retrain.mode != "finetune" or registry.champion_version(settings) is None:
         return None
     model, _ = registry.load_model(registry.CHAMPION, settings)
-    if (model.image_size, model.channels) != (params.data.image_size, params.data.channels):
+    want = params.data.image_size  # 0: the working size comes from the data (fine-tuning keeps the champion's)
+    if model.channels != params.data.channels or (want and model.image_size != want):
         logger.warning("champion input shape differs from params: training afresh")
         return None
     return model
