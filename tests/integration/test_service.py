@@ -95,7 +95,8 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
             if proc.poll() is not None:
                 pytest.fail(f"bentoml serve exited: {(root / 'serve.log').read_text()[-2000:]}")
             time.sleep(1)
-        yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root, "pid": proc.pid}
+        yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root, "pid": proc.pid,
+               "env": env}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -301,3 +302,87 @@ def test_failed_retrain_keeps_the_champion_serving(served):
         assert c.get("/health").json()["pending_jobs"] == 0
         assert c.get("/health").json()["model_version"] == before
         assert c.post("/predict", json={"image_url": _image(served)}).json()["model_version"] == before
+
+
+def _prefect(env: dict[str, str], *args: str, log=subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, seconds: int = 120) -> None:
+    for _ in range(seconds):
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: process exited: {log.read_text()[-2000:]}")
+        time.sleep(1)
+    pytest.fail(f"{url} not ready in {seconds} s: {log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(2):  # a Prefect worker forwards the first signal and stops on the second
+        try:
+            os.killpg(proc.pid, 15)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    os.killpg(proc.pid, 9)
+    proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def prefect_served(served):  # type: ignore[no-untyped-def]
+    """A real Prefect server, the deployments, a process worker, and a second service using them."""
+    root = served["root"]
+    env = served["env"] | {"PREFECT_HOME": str(root / "prefect-server")}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        api_port, port = _free_port(), _free_port()
+        log = root / "prefect-server.log"
+        procs.append(_prefect(env, "server", "start", "--host", "127.0.0.1", "--port", str(api_port),
+                              log=log.open("w")))
+        _wait_http(f"http://127.0.0.1:{api_port}/api/health", procs[-1], log)
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{api_port}/api"
+        subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "cellscan-test",
+                        "--type", "process"], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "cellscan-test", "--project",
+                        str(served["project"])], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+        procs.append(_prefect(env, "worker", "start", "--pool", "cellscan-test",
+                              log=(root / "prefect-worker.log").open("w")))
+        log = root / "serve-prefect.log"
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_http(f"http://127.0.0.1:{port}/readyz", procs[-1], log)
+        yield served | {"base": f"http://127.0.0.1:{port}", "api": env["PREFECT_API_URL"]}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_with_a_prefect_server_jobs_are_runs_of_its_deployments(prefect_served):
+    crack = sorted((prefect_served["project"] / "data/cells/test/crack").glob("*.png"))[0]
+    with _client(prefect_served) as c:
+        r = c.post("/anomaly", files={"image": (crack.name, crack.read_bytes(), "image/png")},
+                   data={"defect": "crack"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {"new_validation_error", "new_anomaly_error", "threshold", "version", "promoted", "reason"} <= set(body)
+        job = c.get(f"/jobs/{body['job_id']}").json()
+        assert job["status"] == "done" and job["pid"] is None and job["flow_run_id"] == body["flow_run_id"]
+        assert job["flow_run_state"] == "Completed"
+        assert c.get("/health").json()["model_version"] == c.get("/models").json()["serving"]
+    # The run belongs to the deployment the worker executed, on the Prefect server.
+    api = prefect_served["api"]
+    run = httpx.get(f"{api}/flow_runs/{body['flow_run_id']}", timeout=10).json()
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["project"] == str(prefect_served["project"])
+    dep = httpx.get(f"{api}/deployments/{run['deployment_id']}", timeout=10).json()
+    assert dep["name"] == "service-evaluate-threshold"

@@ -73,6 +73,7 @@ class Job:
     error: str | None = None
     pid: int | None = None  # the child process (subprocess runner)
     flow_run_id: str | None = None  # the Prefect flow run (Prefect runner)
+    flow_run_state: str | None = None  # its last state seen (Scheduled, Pending, Running, ...)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -82,7 +83,7 @@ class Job:
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "status": self.status, "created": self.created,
                 "started": self.started, "finished": self.finished, "result": self.result, "error": self.error,
-                "pid": self.pid, "flow_run_id": self.flow_run_id}
+                "pid": self.pid, "flow_run_id": self.flow_run_id, "flow_run_state": self.flow_run_state}
 
     def answer(self) -> dict[str, Any]:
         """The original contract's keys (``new_validation_error``, ..., ``reason``) from the result."""
@@ -250,10 +251,12 @@ class PrefectRunner:
             while True:
                 fr = await client.read_flow_run(run.id)
                 state = fr.state
+                job.flow_run_state = state.name if state is not None else None
                 if state is not None and state.type.value in self.FINAL:
                     break
                 if time.monotonic() > deadline:
-                    msg = f"Prefect flow run {run.id} not finished after {self.timeout_s:g} s"
+                    msg = (f"Prefect flow run {run.id} not finished after {self.timeout_s:g} s (state "
+                           f"{job.flow_run_state}; is a worker running on the deployment's pool?)")
                     raise JobError(msg)
                 await asyncio.sleep(self.poll_s)
         if state.type.value != "COMPLETED":
@@ -267,24 +270,22 @@ class PrefectRunner:
         return out if isinstance(out, dict) else self._from_registry()
 
     def _from_registry(self) -> dict[str, Any]:
-        """The newest registered version's metrics, when the flow run's result cannot be read."""
+        """The newest registered version and its run's metrics, when the flow run's result cannot be read."""
         from cellscan.mlops import registry
 
         rows = registry.list_versions(self.settings)
         if not rows:
             return {}
-        version = rows[0]["version"]
-        tags = registry.client(self.settings).get_model_version(self.settings.model_name, str(version)).tags or {}
-
-        def num(key: str) -> float | None:
+        row = rows[0]
+        metrics: dict[str, float] = {}
+        if row.get("run_id"):
             try:
-                return float(tags[key])
-            except (KeyError, ValueError):
-                return None
-
-        return {"version": version, "new_validation_error": num("metric.validation_error"),
-                "new_anomaly_error": num("metric.anomaly_error"), "promoted": "champion" in rows[0]["aliases"],
-                "reason": tags.get("gate") or "read from the registry (the flow run's result was not persisted)"}
+                metrics = dict(registry.client(self.settings).get_run(row["run_id"]).data.metrics)
+            except Exception as exc:  # noqa: BLE001 (a best-effort summary)
+                logger.warning("run %s of version %s unreadable: %s", row["run_id"], row["version"], exc)
+        return {"version": row["version"], "new_validation_error": metrics.get("validation_error"),
+                "new_anomaly_error": metrics.get("anomaly_error"), "promoted": "champion" in row["aliases"],
+                "reason": row.get("gate") or "read from the registry (the flow run's result was not persisted)"}
 
     def stop(self) -> None:
         pass

@@ -57,7 +57,7 @@ class ModelHolder:
         version = registry.champion_version(self.settings)
         if version is None or version == self._version:
             return self._version
-        model, loaded = registry.load_model(self.settings, version)
+        model, loaded = registry.load_model(version, self.settings)
         with self._lock:
             self._model, self._version = model, loaded
         self.last_error = None
