@@ -12,6 +12,7 @@ encoded bytes (a list, or a DataFrame with an ``image`` column), or a preprocess
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +27,40 @@ PIP_REQUIREMENTS = [
 ]
 
 
-class CellscanPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
-    """Loads the bundle in ``load_context`` and scores images with it."""
+# MLflow asks for type hints on predict; they are absent on purpose (they would fix one input type).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    model: CellscanModel | None = None
+    class CellscanPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        """Loads the bundle in ``load_context`` and scores images with it."""
 
-    def load_context(self, context: Any) -> None:
-        self.model = CellscanModel.load_dir(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        model: CellscanModel | None = None
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
-        # No type hints here: MLflow would try to derive a signature from them.
-        import numpy as np
-        import pandas as pd
+        def load_context(self, context: Any) -> None:
+            self.model = CellscanModel.load_dir(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-        if self.model is None:
-            self.load_context(context)
-        assert self.model is not None
-        if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-            res = self.model.score_arrays(model_input.astype(np.float32))
-        else:
-            if isinstance(model_input, pd.DataFrame):
-                sources = list(model_input["image"] if "image" in model_input else model_input.iloc[:, 0])
-            elif isinstance(model_input, str | bytes | Path):
-                sources = [model_input]
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
+            import numpy as np
+            import pandas as pd
+
+            if self.model is None:
+                self.load_context(context)
+            assert self.model is not None
+            if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
+                res = self.model.score_arrays(model_input.astype(np.float32))
             else:
-                sources = list(model_input)
-            res = self.model.score_images(sources)
-        return pd.DataFrame([res.record(i) for i in range(len(res.scores))])
+                if isinstance(model_input, pd.DataFrame):
+                    sources = list(model_input["image"] if "image" in model_input else model_input.iloc[:, 0])
+                elif isinstance(model_input, str | bytes | Path):
+                    sources = [model_input]
+                else:
+                    sources = list(model_input)
+                res = self.model.score_images(sources)
+            return pd.DataFrame([res.record(i) for i in range(len(res.scores))])
 
 
 def log_bundle(bundle_dir: Path, registered_model_name: str | None) -> Any:
     """Log ``bundle_dir`` as the pyfunc model ``model`` of the active run (and register it)."""
-    import warnings
-
     with warnings.catch_warnings():  # MLflow nags about predict's (deliberately absent) type hints
         warnings.simplefilter("ignore", UserWarning)
         return _log(bundle_dir, registered_model_name)
@@ -76,7 +78,9 @@ def _log(bundle_dir: Path, registered_model_name: str | None) -> Any:
 
 def load_bundle(model_uri: str) -> CellscanModel:
     """Load a logged or registered pyfunc (``models:/...``, ``runs:/...``) back into a CellscanModel."""
-    pm = mlflow.pyfunc.load_model(model_uri)
+    with warnings.catch_warnings():  # the same type-hint notice, again on loading
+        warnings.simplefilter("ignore", UserWarning)
+        pm = mlflow.pyfunc.load_model(model_uri)
     inner = pm.unwrap_python_model()
     if not isinstance(inner, CellscanPyfunc) or inner.model is None:
         from cellscan.errors import ModelError
