@@ -20,13 +20,16 @@ SHARED = REPO.parent / "shared" / "datasets"
 
 
 def tiny_params(**overrides: object) -> Params:
-    """Small, fast params: 32x32 grayscale, 8 base filters, 3 epochs."""
+    """Small, fast params: 48x48 grayscale slices at their native size, 32-pixel crops, tiny networks, 3 epochs."""
     base = {
-        "data.image_size": 32,
         "data.val_fraction": 0.25,
         "model.base_filters": 8,
         "model.depth": 2,
-        "model.latent_dim": 16,
+        "model.bottleneck": 8,
+        "model.head_filters": 4,
+        "model.head_depth": 2,
+        "train.crop": 32,
+        "train.max_seconds": 120,
         "train.epochs": 3,
         "train.batch_size": 8,
         "train.patience": 2,

@@ -267,7 +267,9 @@ def predict(
     heatmaps: Annotated[Path | None, typer.Option(help="Write heatmap overlays (PNG) to this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score images: is_anomaly, reconstruction_error and the threshold for each."""
+    """Score images: is_anomaly, anomaly_score (what the threshold applies to), reconstruction_error."""
+    from cellscan.core.images import load_image
+
     model = _load_model(model_dir)
     res = model.score_images(images)
     rows = [{"image": str(path)} | res.record(i) for i, path in enumerate(images)]
@@ -275,18 +277,18 @@ def predict(
         from cellscan.core.plots import overlay_png
 
         heatmaps.mkdir(parents=True, exist_ok=True)
-        for i, path in enumerate(images):
-            x = model.load(path)
-            (heatmaps / f"{path.stem}_heatmap.png").write_bytes(overlay_png(x, res.maps[i], model.threshold))
+        for i, path in enumerate(images):  # at the image's own size
+            native = load_image(path, channels=model.channels)
+            (heatmaps / f"{path.stem}_heatmap.png").write_bytes(overlay_png(native, res.maps[i], model.threshold))
     if as_json:
         _dump(rows)
         return
-    t = Table(title=f"predictions ({model_dir}, threshold {model.threshold:.4g})")
-    for col in ("image", "reconstruction_error", "is_anomaly"):
+    t = Table(title=f"predictions ({model_dir}, threshold {model.threshold:.4g} on anomaly_score)")
+    for col in ("image", "anomaly_score", "reconstruction_error", "is_anomaly"):
         t.add_column(col, justify="right" if col != "image" else "left")
     for r in rows:
         flag = "[red]ANOMALY[/red]" if r["is_anomaly"] else "[green]normal[/green]"
-        t.add_row(r["image"], f"{r['reconstruction_error']:.4g}", flag)
+        t.add_row(r["image"], f"{r['anomaly_score']:.4g}", f"{r['reconstruction_error']:.4g}", flag)
     out.print(t)
 
 

@@ -9,41 +9,60 @@ from scipy import ndimage
 from cellscan.core.bundle import CellscanModel
 from cellscan.core.augment import blob_mask, simulate_anomaly
 from cellscan.core.config import ModelParams
-from cellscan.errors import ConfigError, ImageError, ModelError
-from cellscan.core.model import build_autoencoder
+from cellscan.errors import ImageError, ModelError
+from cellscan.core.model import build_network
+from cellscan.core.train import working_shape
+
+TINY = ModelParams(base_filters=4, depth=2, bottleneck=4, head_filters=4, head_depth=2)
 
 
-def test_autoencoder_shapes_and_range():
-    net = build_autoencoder(32, 1, ModelParams(base_filters=4, depth=2, latent_dim=8))
-    y = np.asarray(net(np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)))
-    assert y.shape == (2, 32, 32, 1)
-    assert 0.0 <= y.min() and y.max() <= 1.0
-    rgb = build_autoencoder(16, 3, ModelParams(base_filters=4, depth=1, latent_dim=8))
-    assert rgb.output_shape == (None, 16, 16, 3)
+def test_network_is_fully_convolutional_with_a_head():
+    net = build_network(1, TINY)
+    for h, w in ((32, 32), (16, 40)):  # one graph, any size that divides by 2**depth
+        out = net(np.random.default_rng(0).random((2, h, w, 1)).astype(np.float32))
+        recon, mask = np.asarray(out["recon"]), np.asarray(out["mask"])
+        assert recon.shape == (2, h, w, 1) and mask.shape == (2, h, w, 1)
+        assert 0.0 <= recon.min() and recon.max() <= 1.0
+    rgb = build_network(3, ModelParams(base_filters=4, depth=1, bottleneck=4, head_filters=0))
+    assert set(rgb.output) == {"recon"}
+    assert not any("dense" in layer.name for layer in net.layers)
 
 
-def test_size_must_divide_by_depth():
-    with pytest.raises(ConfigError, match="divisible by 2\\*\\*model.depth = 8"):
-        build_autoencoder(36, 1, ModelParams(depth=3))
+def test_working_shape_is_native_capped_and_divisible(tmp_path):
+    from cellscan.core.config import Params
+    from cellscan.core.images import save_png
+
+    paths = []
+    for i, (h, w) in enumerate([(100, 300), (100, 300), (90, 310)]):
+        paths.append(tmp_path / f"{i}.png")
+        save_png(np.zeros((h, w), np.float32), paths[-1])
+    p = Params()
+    assert working_shape(paths, p) == (104, 304)  # median, rounded up to a multiple of 8
+    capped = p.with_overrides({"data.max_side": 160})
+    assert working_shape(paths, capped) == (56, 160)
+    assert working_shape(paths, p.with_overrides({"data.image_size": 64})) == (64, 64)
 
 
 def test_simulated_anomaly_changes_only_the_mask_region():
     rng = np.random.default_rng(0)
-    x = np.full((32, 32, 1), 0.5, np.float32)
+    x = ndimage.gaussian_filter(rng.random((32, 32, 1)), (2, 2, 0)).astype(np.float32)
+    x = (x - x.min()) / (x.max() - x.min())
     changed = 0
-    for _ in range(5):
-        y, mask = simulate_anomaly(x, rng, np.stack([x, x]))
+    for _ in range(12):
+        y, mask = simulate_anomaly(x, rng, np.stack([x[::-1], x[:, ::-1]]))
         assert mask.any() and mask.mean() < 0.5
         far = ~ndimage.binary_dilation(mask, iterations=3)  # beyond the soft edge of the blend
-        assert np.allclose(y[..., 0][far], 0.5, atol=1e-3)
-        changed += int(np.abs(y[..., 0][mask] - 0.5).mean() > 1e-3)
-    assert changed >= 3
+        np.testing.assert_allclose(y[..., 0][far], x[..., 0][far], atol=1e-3)
+        changed += int(np.abs(y[..., 0][mask] - x[..., 0][mask]).mean() > 1e-3)
+    assert changed >= 9
     assert blob_mask((16, 16), rng).shape == (16, 16)
 
 
 def test_training_writes_a_complete_model(trained, model_dir):
     meta = json.loads((model_dir / "meta.json").read_text())
-    assert {"image_size", "channels", "threshold", "score", "params", "cellscan_version", "metrics"} <= set(meta)
+    assert {"input_shape", "channels", "threshold", "score", "params", "cellscan_version", "metrics", "fusion"} <= set(meta)
+    assert meta["input_shape"] == [48, 48]  # the synthetic slices' own size
+    assert meta["n_params"] > 0 and meta["train_images_per_s"] > 0
     assert np.isfinite(meta["threshold"])
     assert 0.0 <= trained.evaluation.metrics["image_auroc"] <= 1.0
     assert trained.epochs >= 1 and "val_loss" in trained.history
@@ -57,7 +76,8 @@ def test_saved_model_scores_like_the_trained_one(trained, model_dir, dataset_dir
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     assert loaded.threshold == pytest.approx(trained.model.threshold)
     rec = b.record(0)
-    assert set(rec) == {"is_anomaly", "reconstruction_error", "threshold"}
+    assert set(rec) == {"is_anomaly", "anomaly_score", "reconstruction_error", "threshold"}
+    assert rec["is_anomaly"] == (rec["anomaly_score"] > rec["threshold"])
 
 
 def test_defects_score_higher_than_normals_on_average(trained):
@@ -66,7 +86,7 @@ def test_defects_score_higher_than_normals_on_average(trained):
 
 
 def test_wrong_batch_shape_is_refused(trained):
-    with pytest.raises(ImageError, match=r"expected a batch of shape \(N, 32, 32, 1\)"):
+    with pytest.raises(ImageError, match=r"expected a batch of shape \(N, 48, 48, 1\)"):
         trained.model.score_arrays(np.zeros((1, 16, 16, 1), np.float32))
 
 
@@ -88,3 +108,36 @@ def test_failed_save_keeps_the_previous_model(trained, tmp_path, monkeypatch):
 def test_loading_a_non_model_directory_is_explained(tmp_path):
     with pytest.raises(ModelError, match="missing model.keras"):
         CellscanModel.load_dir(tmp_path)
+
+
+def test_perlin_masks_and_ct_defects_are_local_and_change_the_image():
+    from cellscan.core.augment import ct_defect, perlin, perlin_mask, random_crop
+
+    rng = np.random.default_rng(1)
+    noise = perlin((40, 64), 4, rng)
+    assert noise.shape == (40, 64) and -1.5 < noise.min() < 0 < noise.max() < 1.5
+    for _ in range(10):
+        m = perlin_mask((48, 48), rng)
+        assert 4 <= m.sum() < 0.7 * m.size
+    x = np.full((48, 48, 1), 0.5, np.float32)
+    for _ in range(12):
+        src, mask = ct_defect(x, rng)
+        assert src.shape == x.shape and mask.shape == (48, 48)
+        assert mask.any() and mask.mean() < 0.5
+    assert random_crop(np.zeros((20, 30, 1), np.float32), 24, rng).shape == (24, 24, 1)  # padded when small
+
+
+def test_fusion_standardises_both_parts():
+    from cellscan.core.scoring import fuse
+
+    recon_scores = np.array([1.0, 1.0])
+    head = np.zeros((2, 4, 4), np.float32)
+    head[1, 2, 2] = 0.8
+    stats = {"recon": [1.0, 0.5], "head": [0.1, 0.1]}
+    scores, maps = fuse(recon_scores, np.ones((2, 4, 4), np.float32), head, "sum", stats)
+    assert scores[1] - scores[0] == pytest.approx(8.0)  # only the head differs: (0.8 - 0) / 0.1
+    assert maps.shape == (2, 4, 4) and maps[1].argmax() == 10
+    only_recon, _ = fuse(recon_scores, np.ones((2, 4, 4)), head, "recon", stats)
+    np.testing.assert_array_equal(only_recon, recon_scores)
+    no_head, _ = fuse(recon_scores, np.ones((2, 4, 4)), None, "sum", stats)
+    np.testing.assert_array_equal(no_head, recon_scores)

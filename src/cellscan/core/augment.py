@@ -1,9 +1,14 @@
-"""Training-time augmentation and simulated anomalies (numpy, seeded).
+"""Training-time augmentation, random crops and simulated anomalies (numpy, seeded).
 
-The autoencoder learns to *restore* normal images: some inputs carry a simulated anomaly pasted
-through a random blob mask while the target stays the clean image (the reconstructive half of
-DRAEM, ICCV 2021). A model trained so cannot simply copy its input, and its reconstruction error
-is large where real anomalies sit.
+Both networks learn from anomalies made up on the fly (DRAEM, ICCV 2021): a region shaped by
+thresholded Perlin noise, or a CT-like defect, is filled with foreign content while the
+reconstruction target stays the clean image and the head's target is the region's mask. The
+sources are procedural or come from the training normals themselves; nothing is downloaded:
+
+- another training image, shifted and turned; the image itself, shifted or rotated
+- smooth noise texture; a flat bright or dark fill; the image with its intensity scaled
+- CT defects: dark voids and pores (ellipses), bright particles (small dots), thin dark cracks
+  (random polylines), and a misaligned band (a strip of the image shifted sideways)
 """
 
 from __future__ import annotations
@@ -13,25 +18,76 @@ from scipy import ndimage
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """Random flips / quarter turns (when ``flip``) and small brightness and contrast changes."""
+    """Random flips / quarter turns (when ``flip``; square images only) and small brightness and contrast changes."""
     if flip:
         if rng.random() < 0.5:
             x = x[:, ::-1]
         if rng.random() < 0.5:
             x = x[::-1]
-        x = np.rot90(x, int(rng.integers(0, 4)))
+        if x.shape[0] == x.shape[1]:
+            x = np.rot90(x, int(rng.integers(0, 4)))
     gain, bias = rng.uniform(0.92, 1.08), rng.uniform(-0.04, 0.04)
     mean = x.mean()
     return np.clip((x - mean) * gain + mean + bias, 0.0, 1.0).astype(np.float32)
 
 
+def random_crop(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``size`` x ``size`` crop of (H, W, C), reflect-padded first when the image is smaller."""
+    h, w = x.shape[:2]
+    if h < size or w < size:
+        ph, pw = max(0, size - h), max(0, size - w)
+        x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        h, w = x.shape[:2]
+    y0, x0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return x[y0 : y0 + size, x0 : x0 + size]
+
+
+def perlin(shape: tuple[int, int], res: int, rng: np.random.Generator) -> np.ndarray:
+    """2-D Perlin gradient noise of ``shape`` with ``res`` lattice cells along the longer side, about in [-1, 1]."""
+    h, w = shape
+    ry, rx = max(1, round(res * h / max(h, w))), max(1, round(res * w / max(h, w)))
+    angles = rng.uniform(0, 2 * np.pi, (ry + 1, rx + 1))
+    grad = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    yy = np.linspace(0, ry, h, endpoint=False)
+    xx = np.linspace(0, rx, w, endpoint=False)
+    y0, x0 = yy.astype(int)[:, None], xx.astype(int)[None, :]
+    fy, fx = (yy % 1)[:, None], (xx % 1)[None, :]
+
+    def dot(dy: int, dx: int) -> np.ndarray:
+        g = grad[y0 + dy, x0 + dx]
+        return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)
+
+    fade = lambda t: t * t * t * (t * (t * 6 - 15) + 10)  # noqa: E731
+    uy, ux = fade(fy), fade(fx)
+    top = dot(0, 0) * (1 - ux) + dot(0, 1) * ux
+    bottom = dot(1, 0) * (1 - ux) + dot(1, 1) * ux
+    return (top * (1 - uy) + bottom * uy) * np.sqrt(2)
+
+
+def perlin_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A DRAEM-style region: thresholded Perlin noise at a random scale, kept to a random window."""
+    h, w = shape
+    for _ in range(10):
+        res = int(2 ** rng.integers(1, 4)) * max(1, max(h, w) // 128)
+        field = perlin(shape, res, rng)
+        mask = field > rng.uniform(0.35, 0.6)
+        # Keep it local: at most a random window of a third to two thirds of each side.
+        wh, ww = int(h * rng.uniform(0.33, 0.67)), int(w * rng.uniform(0.33, 0.67))
+        y0, x0 = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+        window = np.zeros(shape, dtype=bool)
+        window[y0 : y0 + wh, x0 : x0 + ww] = True
+        mask &= window
+        if mask.sum() >= 4:
+            return mask
+    return blob_mask(shape, rng)
+
+
 def blob_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """A random blob mask from thresholded smooth noise (Perlin-like), covering roughly 1-15 %."""
+    """A random blob mask from thresholded smooth noise under a gaussian envelope, covering roughly 1-15 %."""
     h, w = shape
     for _ in range(10):
         sigma = rng.uniform(1.5, max(2.0, min(h, w) / 8))
         noise = ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma)
-        # Keep blobs local: weight the noise by a random gaussian envelope.
         cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
         yy, xx = np.mgrid[0:h, 0:w]
         env = np.exp(-(((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.25 * w)) ** 2))
@@ -42,28 +98,89 @@ def blob_mask(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return np.zeros(shape, dtype=bool)
 
 
+def _ellipses(shape: tuple[int, int], rng: np.random.Generator, n: int, r_lo: float, r_hi: float) -> np.ndarray:
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(n):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(r_lo, r_hi), rng.uniform(r_lo, r_hi)
+        t = rng.uniform(0, np.pi)
+        dy, dx = yy - cy, xx - cx
+        u, v = dx * np.cos(t) + dy * np.sin(t), -dx * np.sin(t) + dy * np.cos(t)
+        mask |= (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+    return mask
+
+
+def _crack(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    h, w = shape
+    mask = np.zeros(shape, dtype=bool)
+    y, x = rng.uniform(0, h), rng.uniform(0, w)
+    angle = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(rng.integers(max(h, w) // 6, max(h, w) // 2 + 2))):
+        angle += rng.normal(0, 0.35)
+        y, x = y + np.sin(angle), x + np.cos(angle)
+        if not (0 <= y < h and 0 <= x < w):
+            break
+        mask[int(y), int(x)] = True
+    # Cracks one or two pixels wide (note: iterations=0 would dilate until nothing changes).
+    return ndimage.binary_dilation(mask) if mask.any() and rng.random() < 0.5 else mask
+
+
+def ct_defect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like defect in (H, W, C): (source image to blend in, mask)."""
+    h, w = x.shape[:2]
+    scale = max(1.0, min(h, w) / 64)
+    kind = int(rng.integers(0, 4))
+    level = float(np.median(x))
+    if kind == 0:  # voids and pores: dark ellipses
+        mask = _ellipses((h, w), rng, int(rng.integers(1, 5)), 1.0 * scale, 5.0 * scale)
+        src = x * rng.uniform(0.05, 0.5)
+    elif kind == 1:  # foreign particles: small bright dots
+        mask = _ellipses((h, w), rng, int(rng.integers(1, 4)), 0.7 * scale, 2.5 * scale)
+        src = np.full_like(x, min(1.0, max(level, float(x.max())) * rng.uniform(1.0, 1.3)))
+    elif kind == 2:  # thin cracks
+        mask = _crack((h, w), rng)
+        src = x * rng.uniform(0.0, 0.4)
+    else:  # misaligned band: a strip shifted sideways
+        band = int(rng.integers(max(2, h // 16), max(3, h // 4)))
+        y0 = int(rng.integers(0, h - band + 1))
+        mask = np.zeros((h, w), dtype=bool)
+        mask[y0 : y0 + band] = True
+        src = np.roll(x, int(rng.choice([-1, 1]) * rng.integers(2, max(3, w // 8))), axis=1)
+    return src.astype(np.float32), mask
+
+
 def simulate_anomaly(x: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Paste a synthetic anomaly into ``x`` (H, W, C); returns (corrupted image, mask).
 
-    Sources, chosen at random: a shifted patch of another normal image, smooth noise texture,
-    a flat bright or dark fill, or the image itself with its intensity scaled.
+    ``pool`` holds other normal images (or crops) of the same size, used as foreign texture.
     """
     h, w, c = x.shape
-    mask = blob_mask((h, w), rng)
-    kind = int(rng.integers(0, 4))
-    if kind == 0 and len(pool):
-        other = pool[int(rng.integers(0, len(pool)))]
-        src = np.roll(other, (int(rng.integers(0, h)), int(rng.integers(0, w))), axis=(0, 1))
-        src = np.rot90(src, int(rng.integers(0, 4))) if h == w else src
-    elif kind == 1:
-        tex = ndimage.gaussian_filter(rng.random((h, w, c)), (rng.uniform(0.5, 3), rng.uniform(0.5, 3), 0))
-        lo, hi = tex.min(), tex.max()
-        src = (tex - lo) / (hi - lo + 1e-8)
-    elif kind == 2:
-        src = np.full_like(x, rng.choice([rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)]))
+    kind = int(rng.integers(0, 7))
+    if kind == 6:
+        src, mask = ct_defect(x, rng)
+        beta = rng.uniform(0.0, 0.3)
     else:
-        src = np.clip(x * rng.uniform(0.3, 1.7), 0, 1)
-    beta = rng.uniform(0.0, 0.6)
+        mask = perlin_mask((h, w), rng) if rng.random() < 0.7 else blob_mask((h, w), rng)
+        beta = rng.uniform(0.0, 0.6)
+        if kind == 0 and len(pool):
+            other = pool[int(rng.integers(0, len(pool)))]
+            src = np.roll(other, (int(rng.integers(0, h)), int(rng.integers(0, w))), axis=(0, 1))
+            src = np.rot90(src, int(rng.integers(0, 4))) if h == w else src[::-1]
+        elif kind == 1:
+            tex = ndimage.gaussian_filter(rng.random((h, w, c)), (rng.uniform(0.5, 3), rng.uniform(0.5, 3), 0))
+            lo, hi = tex.min(), tex.max()
+            src = lo + (tex - lo) / (hi - lo + 1e-8) * rng.uniform(0.3, 1.0)
+        elif kind == 2:
+            src = np.full_like(x, rng.choice([rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)]))
+        elif kind == 3:
+            src = np.clip(x * rng.uniform(0.3, 1.7), 0, 1)
+        elif kind == 4:  # the image itself, shifted
+            src = np.roll(x, (int(rng.integers(h // 8, h - h // 8 + 1)), int(rng.integers(w // 8, w - w // 8 + 1))),
+                          axis=(0, 1))
+        else:  # the image itself, rotated about its centre
+            src = ndimage.rotate(x, rng.uniform(20, 340), axes=(0, 1), reshape=False, mode="reflect", order=1)
     soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.7)[..., None]
     out = x * (1 - soft) + (beta * x + (1 - beta) * src) * soft
     return np.clip(out, 0, 1).astype(np.float32), mask

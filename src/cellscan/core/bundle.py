@@ -1,9 +1,9 @@
-"""The saved model: one directory holding the Keras autoencoder and everything needed to score.
+"""The model bundle: one directory holding the networks and everything needed to score.
 
 Layout::
 
-    <dir>/model.keras      the autoencoder
-    <dir>/meta.json        image size, channels, threshold, score params and statistics, params, version
+    <dir>/model.keras      the reconstruction network and the discriminative head (one Keras graph)
+    <dir>/meta.json        working size, channels, threshold, score params, fusion statistics, params, version
     <dir>/map_stats.npz    per-pixel mean/spread of normal error maps (the map's standardisation)
 
 Saving writes to a sibling temporary folder and renames it into place, so a crash never leaves a
@@ -26,21 +26,26 @@ import numpy as np
 from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
-from cellscan.core.images import load_image
-from cellscan.core.scoring import MapStats, anomaly_maps, raw_maps
+from cellscan.core.images import load_image, resize
+from cellscan.core.scoring import MapStats, aggregate, anomaly_maps, fuse, raw_maps, smooth
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, META_FILE, STATS_FILE = "model.keras", "meta.json", "map_stats.npz"
-ReconstructFn = Callable[[np.ndarray], np.ndarray]
+ForwardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+def _mean_std(v: np.ndarray) -> list[float]:
+    return [float(np.mean(v)), max(float(np.std(v)), 1e-6)]
 
 
 @dataclass
 class ScoreResult:
     """Scores of a batch: one entry per image."""
 
-    scores: np.ndarray  # (N,) reconstruction_error
-    maps: np.ndarray  # (N, H, W) pixel anomaly map
+    scores: np.ndarray  # (N,) anomaly_score: what the threshold applies to
+    recon_scores: np.ndarray  # (N,) reconstruction_error
+    maps: np.ndarray  # (N, H, W) pixel anomaly map (the fused map)
     recon: np.ndarray  # (N, H, W, C)
     threshold: float
 
@@ -49,27 +54,35 @@ class ScoreResult:
         return self.scores > self.threshold
 
     def record(self, i: int) -> dict[str, Any]:
-        """The per-image answer: ``is_anomaly``, ``reconstruction_error`` and ``threshold``."""
+        """The per-image answer: ``is_anomaly``, ``anomaly_score``, ``reconstruction_error`` and ``threshold``."""
         return {
             "is_anomaly": bool(self.scores[i] > self.threshold),
-            "reconstruction_error": float(self.scores[i]),
+            "anomaly_score": float(self.scores[i]),
+            "reconstruction_error": float(self.recon_scores[i]),
             "threshold": float(self.threshold),
         }
 
 
 class CellscanModel:
-    """An autoencoder with its threshold and score configuration."""
+    """The networks with their working size, threshold, score configuration and map statistics."""
 
     def __init__(self, keras_model: Any, meta: dict[str, Any], stats: MapStats | None = None) -> None:
         self.keras_model = keras_model
         self.meta = meta
         self.stats = stats
-        self._reconstruct: ReconstructFn | None = None
+        self._forward: ForwardFn | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
+    def shape(self) -> tuple[int, int]:
+        """The working (height, width) every image is resized to before scoring."""
+        h, w = self.meta.get("input_shape") or (self.meta["image_size"], self.meta["image_size"])
+        return int(h), int(w)
+
+    @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        """The working size's long side."""
+        return max(self.shape)
 
     @property
     def channels(self) -> int:
@@ -83,6 +96,10 @@ class CellscanModel:
     def score_params(self) -> ScoreParams:
         return ScoreParams(**self.meta["score"])
 
+    @property
+    def has_head(self) -> bool:
+        return "mask" in self.keras_model.output
+
     def with_threshold(self, threshold: float, **extra: Any) -> CellscanModel:
         """A copy whose metadata carries a new threshold (and any extra metadata)."""
         meta = json.loads(json.dumps(self.meta)) | extra
@@ -94,49 +111,87 @@ class CellscanModel:
         meta["score"] = asdict(p)
         return CellscanModel(self.keras_model, meta, self.stats)
 
-    def use_backend(self, fn: ReconstructFn) -> None:
-        """Reconstruct with another runtime (ONNX, TFLite) instead of Keras."""
-        self._reconstruct = fn
+    def use_backend(self, fn: ForwardFn) -> None:
+        """Run the networks with another runtime (ONNX, TFLite) instead of Keras: x -> (recon, mask logits or None)."""
+        self._forward = fn
 
     # -- scoring ----------------------------------------------------------------------------
-    def reconstruct(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        if self._reconstruct is not None:
-            return self._reconstruct(x)
-        # predict_on_batch runs the compiled graph: 4x faster than an eager call for one image.
-        out = [
-            np.asarray(self.keras_model.predict_on_batch(x[i : i + batch_size]))
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros_like(x)
+    def forward(self, x: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+        """Both networks on (N, H, W, C): (reconstruction, head probability (N, H, W) or None)."""
+        if self._forward is not None:
+            recon, logits = self._forward(x)
+        else:
+            m = int(self.meta.get("multiple", 8))
+            h, w = x.shape[1:3]
+            ph, pw = -h % m, -w % m
+            xp = np.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else x
+            recons, heads = [], []
+            # predict_on_batch runs the compiled graph: much faster than an eager call for one image.
+            for i in range(0, len(xp), batch_size):
+                out = self.keras_model.predict_on_batch(xp[i : i + batch_size])
+                recons.append(np.asarray(out["recon"])[:, :h, :w])
+                if "mask" in out:
+                    heads.append(np.asarray(out["mask"])[:, :h, :w, 0])
+            recon = np.concatenate(recons) if recons else np.zeros_like(x)
+            logits = np.concatenate(heads) if heads else None
+        prob = None if logits is None else (1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))).astype(np.float32)
+        return recon.astype(np.float32), prob
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)[0]
 
     def check_batch(self, x: np.ndarray) -> None:
-        want = (self.image_size, self.image_size, self.channels)
+        want = (*self.shape, self.channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             msg = f"expected a batch of shape (N, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}"
             raise ImageError(msg)
 
-    def score_arrays(self, x: np.ndarray, p: ScoreParams | None = None) -> ScoreResult:
-        """Score preprocessed images (N, size, size, C) in [0, 1]."""
-        from cellscan.core.scoring import aggregate
+    def _parts(self, x: np.ndarray, p: ScoreParams) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(reconstruction, reconstruction map, smoothed head map or None)."""
+        recon, prob = self.forward(x)
+        rmap = anomaly_maps(x, recon, p, self.stats)
+        hmap = None if prob is None else smooth(prob, p.head_sigma)
+        return recon, rmap, hmap
 
+    def score_arrays(self, x: np.ndarray, p: ScoreParams | None = None, chunk: int = 64) -> ScoreResult:
+        """Score preprocessed images (N, H, W, C) in [0, 1] at the working size."""
         self.check_batch(x)
         p = p or self.score_params
-        recon = self.reconstruct(x)
-        maps = anomaly_maps(x, recon, p, self.stats)
-        return ScoreResult(aggregate(maps, p.aggregation, p.topk), maps, recon, self.threshold)
+        fusion = self.meta.get("fusion") or {}
+        parts = [self._parts(x[i : i + chunk], p) for i in range(0, len(x), chunk)] or [
+            (np.zeros_like(x), np.zeros(x.shape[:3], np.float32), None)]
+        recon = np.concatenate([r for r, _, _ in parts])
+        rmap = np.concatenate([m for _, m, _ in parts])
+        hmap = None if parts[0][2] is None else np.concatenate([h for _, _, h in parts])
+        rscore = aggregate(rmap, p.aggregation, p.topk)
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion)
+        return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
-        """Load one image the way this model expects it: (size, size, C)."""
-        return load_image(source, size=self.image_size, channels=self.channels, max_pixels=max_pixels)
+        """Load one image the way this model expects it: (H, W, C) at the working size."""
+        return load_image(source, size=self.shape, channels=self.channels, max_pixels=max_pixels)
+
+    def load_pair(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> tuple[np.ndarray, np.ndarray]:
+        """One decode, two arrays: (the working-size input, the image at its own size for heatmaps)."""
+        native = load_image(source, channels=self.channels, max_pixels=max_pixels)
+        return resize(native, self.shape), native
 
     def score_images(self, sources: Sequence[str | Path | bytes]) -> ScoreResult:
         """Load and score image files or encoded bytes."""
-        x = np.stack([self.load(s) for s in sources]) if sources else np.zeros((0, 1, 1, 1), np.float32)
+        x = np.stack([self.load(s) for s in sources]) if sources else np.zeros((0, *self.shape, self.channels),
+                                                                                 np.float32)
         return self.score_arrays(x)
 
     def fit_stats(self, holdout: np.ndarray) -> None:
-        """Standardise maps by the errors of normal hold-out images (not seen in fitting)."""
-        self.stats = MapStats.fit(raw_maps(holdout, self.reconstruct(holdout), "l2_ssim"))
+        """Standardise maps and scores by what normal hold-out images (not seen in fitting) show."""
+        p = self.score_params
+        recon, prob = self.forward(holdout)
+        self.stats = MapStats.fit(raw_maps(holdout, recon, "l2_ssim"))
+        rmap = anomaly_maps(holdout, recon, p, self.stats)
+        fusion = {"recon": _mean_std(aggregate(rmap, p.aggregation, p.topk))}
+        if prob is not None:
+            fusion["head"] = _mean_std(smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1))
+        self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -190,6 +245,6 @@ class CellscanModel:
         return cls(model, meta, stats)
 
     def describe(self) -> dict[str, Any]:
-        keep = ("image_size", "channels", "threshold", "score", "metrics", "data_hash", "cellscan_version")
+        keep = ("input_shape", "channels", "threshold", "score", "metrics", "data_hash", "cellscan_version")
         return {k: self.meta[k] for k in keep if k in self.meta}
 

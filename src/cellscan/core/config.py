@@ -19,6 +19,8 @@ MapKind = Literal["l2", "ssim", "l2_ssim"]
 Aggregation = Literal["mean", "max", "topk_mean"]
 MAP_KINDS: tuple[str, ...] = ("l2", "ssim", "l2_ssim")
 AGGREGATIONS: tuple[str, ...] = ("mean", "max", "topk_mean")
+Fusion = Literal["sum", "head", "recon"]
+FUSIONS: tuple[str, ...] = ("sum", "head", "recon")
 
 
 def _check(cond: bool, key: str, expected: str, got: object) -> None:
@@ -35,13 +37,16 @@ class BaseParams:
 @dataclass(frozen=True)
 class DataParams:
     root: str = "data/cells"
-    image_size: int = 64
+    image_size: int = 0  # 0: native (the training images' own size, long side capped at max_side)
+    max_side: int = 512
     channels: int = 1
     val_fraction: float = 0.15
     max_pixels: int = 50_000_000
 
     def __post_init__(self) -> None:
-        _check(8 <= self.image_size <= 1024, "data.image_size", "between 8 and 1024", self.image_size)
+        _check(self.image_size == 0 or 8 <= self.image_size <= 2048, "data.image_size",
+               "0 (native) or between 8 and 2048", self.image_size)
+        _check(16 <= self.max_side <= 4096, "data.max_side", "between 16 and 4096", self.max_side)
         _check(self.channels in (1, 3), "data.channels", "1 (grayscale) or 3 (RGB)", self.channels)
         _check(0.0 < self.val_fraction < 0.9, "data.val_fraction", "in (0, 0.9)", self.val_fraction)
         _check(self.max_pixels >= 64, "data.max_pixels", ">= 64", self.max_pixels)
@@ -65,16 +70,26 @@ class SynthParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    base_filters: int = 32
+    base_filters: int = 16
     depth: int = 3
-    latent_dim: int = 128
+    bottleneck: int = 16  # channels of the reconstruction network's narrowest feature map
     dropout: float = 0.1
+    head_filters: int = 16  # discriminative head (0: reconstruction only)
+    head_depth: int = 3
 
     def __post_init__(self) -> None:
         _check(4 <= self.base_filters <= 256, "model.base_filters", "between 4 and 256", self.base_filters)
         _check(1 <= self.depth <= 6, "model.depth", "between 1 and 6", self.depth)
-        _check(2 <= self.latent_dim <= 4096, "model.latent_dim", "between 2 and 4096", self.latent_dim)
+        _check(2 <= self.bottleneck <= 1024, "model.bottleneck", "between 2 and 1024", self.bottleneck)
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
+        _check(self.head_filters == 0 or 4 <= self.head_filters <= 256, "model.head_filters",
+               "0 (no head) or between 4 and 256", self.head_filters)
+        _check(1 <= self.head_depth <= 6, "model.head_depth", "between 1 and 6", self.head_depth)
+
+    @property
+    def multiple(self) -> int:
+        """Input sides must divide by this (the deepest stride of either network)."""
+        return 2 ** max(self.depth, self.head_depth if self.head_filters else 0, 1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,10 @@ class TrainParams:
     flip: bool = True
     anomaly_prob: float = 0.5
     ssim_weight: float = 0.5
+    crop: int = 64  # side of the random training crops (capped at the working size)
+    steps_per_epoch: int = 0  # 0: one crop per training image per epoch
+    max_seconds: int = 720  # training time budget; the best weights so far are kept
+    head_weight: float = 1.0  # weight of the discriminative head's loss
 
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 10_000, "train.epochs", "between 1 and 10000", self.epochs)
@@ -95,6 +114,11 @@ class TrainParams:
         _check(self.patience >= 1, "train.patience", ">= 1", self.patience)
         _check(0.0 <= self.anomaly_prob <= 1.0, "train.anomaly_prob", "in [0, 1]", self.anomaly_prob)
         _check(0.0 <= self.ssim_weight <= 1.0, "train.ssim_weight", "in [0, 1]", self.ssim_weight)
+        _check(8 <= self.crop <= 4096, "train.crop", "between 8 and 4096", self.crop)
+        _check(0 <= self.steps_per_epoch <= 100_000, "train.steps_per_epoch", "between 0 and 100000",
+               self.steps_per_epoch)
+        _check(10 <= self.max_seconds <= 7 * 86400, "train.max_seconds", "between 10 and 604800", self.max_seconds)
+        _check(0.0 <= self.head_weight <= 100.0, "train.head_weight", "in [0, 100]", self.head_weight)
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,8 @@ class ScoreParams:
     smooth_sigma: float = 2.0
     threshold_quantile: float = 0.99
     normalize: bool = True
+    fusion: Fusion = "sum"  # image score: sum of standardised head and reconstruction scores, or one of them
+    head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
 
     def __post_init__(self) -> None:
         _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
@@ -122,6 +148,8 @@ class ScoreParams:
             "in [0.5, 1)",
             self.threshold_quantile,
         )
+        _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
+        _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
 
 
 GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")

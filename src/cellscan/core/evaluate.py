@@ -101,7 +101,7 @@ def evaluate_model(
     if not dataset.validation:
         msg = f"{dataset.root}: no validation normals to evaluate on (expected images in test/good or validation/)"
         raise DatasetError(msg)
-    size, chans = model.image_size, model.channels
+    size, chans = model.shape, model.channels
     x = load_batch([s.path for s in samples], size=size, channels=chans, max_pixels=max_pixels)
     res = model.score_arrays(x)
     labels = np.array([s.label for s in samples])

@@ -107,7 +107,7 @@ def resize(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def decode_image(
     data: bytes,
     *,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     channels: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str = "image",
@@ -116,7 +116,7 @@ def decode_image(
 
     Args:
         data: PNG, JPEG, TIFF or BMP bytes; 8- or 16-bit grayscale, RGB(A) or palette.
-        size: resize to ``size x size`` when given.
+        size: resize to ``size x size`` (an int) or to ``(height, width)`` when given.
         channels: 1 (grayscale) or 3 (RGB); colour inputs are converted by luminance.
         max_pixels: refuse images with more pixels than this (decompression bombs).
         name: how the input is named in error messages.
@@ -135,7 +135,7 @@ def decode_image(
 def load_image(
     source: str | Path | bytes,
     *,
-    size: int | None = None,
+    size: int | tuple[int, int] | None = None,
     channels: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
@@ -153,18 +153,31 @@ def load_image(
     return decode_image(path.read_bytes(), size=size, channels=channels, max_pixels=max_pixels, name=str(path))
 
 
-def load_mask(path: Path | None, size: int) -> np.ndarray:
-    """Load a binary ground-truth mask resized to ``size`` (nearest); all zeros when ``path`` is None."""
-    if path is None or not path.is_file():
-        return np.zeros((size, size), dtype=bool)
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header only."""
     with Image.open(path) as img:
-        small = img.convert("L").resize((size, size), Image.NEAREST)
+        return img.size[1], img.size[0]
+
+
+def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
+    """Load a binary ground-truth mask resized to ``size`` (nearest); all zeros when ``path`` is None."""
+    h, w = _hw(size)
+    if path is None or not path.is_file():
+        return np.zeros((h, w), dtype=bool)
+    with Image.open(path) as img:
+        small = img.convert("L").resize((w, h), Image.NEAREST)
     return np.asarray(small) > 127
 
 
-def load_batch(paths: list[Path], *, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Load many images into one (N, size, size, C) float32 array."""
-    out = np.empty((len(paths), size, size, channels), dtype=np.float32)
+def load_batch(paths: list[Path], *, size: int | tuple[int, int], channels: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Load many images into one (N, H, W, C) float32 array, each resized to ``size``."""
+    h, w = _hw(size)
+    out = np.empty((len(paths), h, w, channels), dtype=np.float32)
     for i, p in enumerate(paths):
         out[i] = load_image(p, size=size, channels=channels, max_pixels=max_pixels)
     return out

@@ -61,7 +61,14 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None = None, alpha: float = 0.45) -> np.ndarray:
-    """Blend a colour-mapped anomaly map onto a grayscale/RGB image; returns uint8 RGB."""
+    """Blend a colour-mapped anomaly map onto a grayscale/RGB image; returns uint8 RGB at the image's size.
+
+    A map of another size (the model's working size) is resized to the image first.
+    """
+    from cellscan.core.images import resize
+
+    if amap.shape[:2] != image.shape[:2]:
+        amap = resize(amap[..., None].astype(np.float32), image.shape[:2])[..., 0]
     gray = image[..., 0] if image.shape[-1] == 1 else image.mean(axis=-1)
     base = np.repeat(gray[..., None], 3, axis=-1)
     lo = float(np.min(amap))

@@ -1,4 +1,4 @@
-"""Anomaly maps, image scores and thresholds from reconstruction error (numpy only).
+"""Anomaly maps, image scores and thresholds from the reconstruction error and the head's map (numpy only).
 
 The pixel map is the reconstruction error (squared error, 1 - SSIM, or both), standardised
 per pixel by the error that normal hold-out images show at that position, then smoothed. The image
@@ -94,6 +94,42 @@ def anomaly_maps(x: np.ndarray, recon: np.ndarray, p: ScoreParams, stats: MapSta
     if p.smooth_sigma > 0:
         combined = _blur(combined, p.smooth_sigma).astype(np.float32)
     return combined
+
+
+def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of (N, H, W) maps (sigma 0: unchanged)."""
+    return _blur(maps, sigma).astype(np.float32) if sigma > 0 else maps.astype(np.float32)
+
+
+def fuse(
+    recon_scores: np.ndarray,
+    recon_maps: np.ndarray,
+    head_maps: np.ndarray | None,
+    fusion: str,
+    stats: dict[str, list[float]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and pixel maps from the reconstruction and the head: ``(scores (N,), maps (N, H, W))``.
+
+    ``sum`` adds both after standardising each by its mean and spread on normal hold-out images
+    (``stats``: ``{"recon": [mean, std], "head": [mean, std]}``); the head's image score is the
+    maximum of its smoothed map. ``head`` or ``recon`` use one part alone. Without a head, or
+    without statistics, the reconstruction part is used as it is.
+
+    Example:
+        >>> r, h = np.array([1.0, 3.0]), np.zeros((2, 2, 2)); h[1, 0, 0] = 0.9
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", {"recon": [1.0, 1.0], "head": [0.0, 0.1]})
+        >>> [round(float(v), 6) for v in s]   # (r - 1) / 1 + (max h - 0) / 0.1
+        [0.0, 11.0]
+    """
+    if head_maps is None or fusion == "recon" or (fusion == "sum" and not {"recon", "head"} <= set(stats)):
+        return recon_scores, recon_maps
+    head_scores = head_maps.reshape(len(head_maps), -1).max(axis=1)
+    if fusion == "head":
+        return head_scores, head_maps
+    (mr, sr), (mh, sh) = stats["recon"], stats["head"]
+    scores = (recon_scores - mr) / sr + (head_scores - mh) / sh
+    maps = (recon_maps - mr) / sr + (head_maps - mh) / sh
+    return scores.astype(np.float32), maps.astype(np.float32)
 
 
 def aggregate(maps: np.ndarray, how: str = "topk_mean", topk: float = 0.02) -> np.ndarray:
