@@ -81,10 +81,16 @@ def load_bundle(model_uri: str) -> CellscanModel:
     with warnings.catch_warnings():  # the same type-hint notice, again on loading
         warnings.simplefilter("ignore", UserWarning)
         pm = mlflow.pyfunc.load_model(model_uri)
-    inner = pm.unwrap_python_model()
-    if not isinstance(inner, CellscanPyfunc) or inner.model is None:
-        from cellscan.errors import ModelError
+    from mlflow.exceptions import MlflowException
 
-        msg = f"{model_uri} is not a cellscan bundle model"
+    from cellscan.errors import ModelError
+
+    try:
+        inner = pm.unwrap_python_model()
+    except MlflowException:
+        inner = None
+    if not isinstance(inner, CellscanPyfunc) or inner.model is None:
+        msg = (f"{model_uri} is not a cellscan bundle model (logged by an older cellscan?): "
+               "train again, or register its bundle directory with `cellscan models register DIR`")
         raise ModelError(msg)
     return inner.model
