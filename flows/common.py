@@ -45,14 +45,15 @@ def open_run(settings: Settings, kind: str, params: Params, data: pipeline.DataV
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(params: Params, droot: Path, bundle_dir: Path, init_from: Any = None) -> Any:
-    return pipeline.train_bundle(params, droot, bundle_dir, init_from)
+def train_model(settings: Settings, run: Any, params: Params, droot: Path, bundle_dir: Path,
+                init_from: Any = None) -> Any:
+    return pipeline.train_bundle(params, droot, bundle_dir, init_from, settings, run)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
 def register(settings: Settings, run: Any, result: Any, bundle_dir: Path) -> pipeline.Registered:
     reg = pipeline.register(settings, run, result.model, result.evaluation, bundle_dir,
-                            result.history, result.seconds)
+                            None, result.seconds)  # epoch metrics were logged live
     print(f"registered {settings.model_name} version {reg.version} from run {reg.run_name} ({reg.run_id})")
     return reg
 
@@ -75,7 +76,7 @@ def train_and_register(settings: Settings, root: Path, params: Params, data: pip
     try:
         with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
             bundle = Path(tmp) / "bundle"
-            result = train_model(params, droot, bundle, init_from)
+            result = train_model(settings, run, params, droot, bundle, init_from)
             reg = register(settings, run, result, bundle)
         decision = gate(settings, reg, params, droot)
         ok = True

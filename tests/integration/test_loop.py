@@ -56,6 +56,9 @@ def test_train_flow_registers_a_champion_with_its_data_version(project, settings
     assert "image_auroc" in run.data.metrics and "epoch_loss" in run.data.metrics
     assert run.data.metrics["threshold"] == pytest.approx(rows[0]["threshold"])
     mc = mlflow.MlflowClient()
+    hist = mc.get_metric_history(out["run_id"], "epoch_loss")  # logged live, one point per epoch
+    assert [m.step for m in hist] == list(range(len(hist))) and len(hist) >= 1
+    assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in hist)
     arts = {a.path for a in mc.list_artifacts(out["run_id"], "evaluation")}
     assert {"evaluation/roc.png", "evaluation/score_histogram.png", "evaluation/data.dvc",
             "evaluation/examples.png"} <= arts

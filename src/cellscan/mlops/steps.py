@@ -64,9 +64,14 @@ def close_run(settings: Settings, run: tracking.RunInfo, ok: bool = True) -> Non
     tracking.close_run(settings, run, ok)
 
 
-def train_bundle(params: Params, data_root: Path, bundle_dir: Path, init_from: Any = None) -> TrainResult:
-    """Train and write the bundle directory: the same function ``dvc repro`` (``cellscan train``) runs."""
-    return train(params, data_root, bundle_dir, init_from=init_from)
+def train_bundle(params: Params, data_root: Path, bundle_dir: Path, init_from: Any = None,
+                 settings: Settings | None = None, run: tracking.RunInfo | None = None) -> TrainResult:
+    """Train and write the bundle directory: the same function ``dvc repro`` (``cellscan train``) runs.
+
+    With ``settings`` and ``run``, each epoch's losses go into the run as the epoch ends.
+    """
+    callbacks = [tracking.epoch_logger(settings, run)] if settings is not None and run is not None else []
+    return train(params, data_root, bundle_dir, callbacks=callbacks, init_from=init_from)
 
 
 def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, evaluation: Evaluation,

@@ -142,11 +142,32 @@ def close_run(settings: Settings, run: RunInfo, ok: bool = True) -> None:
     client(settings).set_terminated(run.run_id, "FINISHED" if ok else "FAILED")
 
 
+def epoch_logger(settings: Settings, run: RunInfo) -> Any:
+    """A Keras callback logging ``epoch_<name>`` metrics into the run as each epoch ends (live in the UI)."""
+    import keras
+    from mlflow.entities import Metric
+
+    mc = client(settings)
+
+    class EpochLogger(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            now = int(time.time() * 1000)
+            batch = [Metric(f"epoch_{k}", float(v), now, epoch) for k, v in (logs or {}).items()
+                     if isinstance(v, int | float) and math.isfinite(float(v))]
+            try:
+                mc.log_batch(run.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 (tracking trouble must not stop a training)
+                logger.warning("epoch metrics not logged: %s", exc)
+
+    return EpochLogger()
+
+
 def log_training(
     settings: Settings, run: RunInfo, model: CellscanModel, evaluation: Evaluation,
     history: dict[str, list[float]] | None = None, seconds: float | None = None,
 ) -> dict[str, float]:
-    """Per-epoch history, evaluation metrics (and the threshold), plots, scores and the examples image."""
+    """Evaluation metrics (and the threshold), plots, scores and the examples image; per-epoch ``history``
+    too when it was not logged live by :func:`epoch_logger` (pass None then)."""
     from mlflow.entities import Metric
 
     from cellscan.core import plots
