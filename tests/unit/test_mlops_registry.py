@@ -107,3 +107,28 @@ def test_write_result_is_atomic_json(tmp_path):
     write_result(target, {"version": 3, "promoted": True})
     assert json.loads(target.read_text()) == {"version": 3, "promoted": True}
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]
+
+
+def test_restore_into_brings_back_an_old_data_version_beside_the_project(tmp_path):
+    from cellscan.mlops import versioning
+
+    project = tmp_path / "proj"
+    (project / "data" / "cells").mkdir(parents=True)
+    (project / "data" / "cells" / "a.txt").write_text("a")
+    versioning.init_repo(project, tmp_path / "remote")
+    old = versioning.snapshot(project)
+    old_dvc = (project / "data.dvc").read_text()
+    (project / "data" / "cells" / "b.txt").write_text("b")
+    new = versioning.snapshot(project)
+    assert new != old
+
+    assert versioning.restore_into(project, old_dvc, tmp_path / "work") == old
+    assert sorted(p.name for p in (tmp_path / "work" / "data" / "cells").iterdir()) == ["a.txt"]
+    assert versioning.data_hash(project) == new  # the project keeps its data version
+    assert (project / "data" / "cells" / "b.txt").is_file()
+    # With the local cache gone, the files come from the remote.
+    import shutil
+
+    shutil.rmtree(project / ".dvc" / "cache")
+    assert versioning.restore_into(project, old_dvc, tmp_path / "work2") == old
+    assert (tmp_path / "work2" / "data" / "cells" / "a.txt").read_text() == "a"
