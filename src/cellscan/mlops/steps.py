@@ -117,15 +117,16 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
     from cellscan.core.config import params_from_dict
 
     model = CellscanModel.load_dir(bundle_dir)
+    logged = params  # the gate and the evaluation data come from the project's params.yaml ...
     trained_with = model.meta.get("params")
-    if isinstance(trained_with, dict):  # log the params the bundle was trained with, when it says
+    if isinstance(trained_with, dict):  # ... the run logs the params the bundle was trained with
         try:
-            params = params_from_dict(trained_with)
+            logged = params_from_dict(trained_with)
         except Exception as exc:  # noqa: BLE001 (an older bundle: fall back to params.yaml)
             logger.warning("bundle params unreadable (%s): logging params.yaml instead", exc)
     data = version_data(project)
     droot = data_root_of(project, params)
-    run = open_run(settings, "register", params, data, project, droot)
+    run = open_run(settings, "register", logged, data, project, droot)
     ok = False
     try:
         ev = evaluate_model(model, load_dataset(droot), calibrate=False, max_pixels=params.data.max_pixels)
