@@ -23,7 +23,8 @@ def evaluate_threshold_flow(project: str = ".", params_path: str = "params.yaml"
     with pipeline.training_lock(root):
         data = version_data(root)
         out = reevaluate(settings, params, data_root(root, params), data, root)
-    print(f"threshold {out['previous_threshold']:.4g} -> {out['threshold']:.4g} (version {out['version']})")
+    print(f"MLflow run {out['run_name']} ({out['run_id']}): threshold {out['previous_threshold']:.4g} -> "
+          f"{out['threshold']:.4g}, registered version {out['version']}, promoted={out['promoted']} ({out['reason']})")
     return out
 
 
