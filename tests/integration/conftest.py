@@ -16,13 +16,21 @@ from tests.conftest import tiny_params
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Prefect's test harness for one test module; afterwards the Prefect settings are as before."""
+    before = os.environ.get("PREFECT_HOME")
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = before
 
 
 def make_project(root: Path, **overrides: object) -> Path:
