@@ -29,6 +29,7 @@ def tiny_params(**overrides: object) -> Params:
         "model.head_filters": 4,
         "model.head_depth": 2,
         "train.crop": 32,
+        "train.steps_per_epoch": 4,
         "train.max_seconds": 120,
         "train.epochs": 3,
         "train.batch_size": 8,

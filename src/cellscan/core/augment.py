@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+CT_SHARE = 0.4  # share of simulated anomalies that are CT-like defects (the product's target), the rest DRAEM-style
+
 
 def augment(x: np.ndarray, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
     """Random flips / quarter turns (when ``flip``; square images only) and small brightness and contrast changes."""
@@ -157,10 +159,10 @@ def simulate_anomaly(x: np.ndarray, rng: np.random.Generator, pool: np.ndarray) 
     ``pool`` holds other normal images (or crops) of the same size, used as foreign texture.
     """
     h, w, c = x.shape
-    kind = int(rng.integers(0, 7))
+    kind = 6 if rng.random() < CT_SHARE else int(rng.integers(0, 6))
     if kind == 6:
         src, mask = ct_defect(x, rng)
-        beta = rng.uniform(0.0, 0.3)
+        beta = rng.uniform(0.0, 0.6)
     else:
         mask = perlin_mask((h, w), rng) if rng.random() < 0.7 else blob_mask((h, w), rng)
         beta = rng.uniform(0.0, 0.6)

@@ -234,6 +234,8 @@ class CellscanModel:
                 raise ModelError(msg)
         try:
             meta = json.loads((directory / META_FILE).read_text())
+            import cellscan.core.model  # noqa: F401  (registers the custom layers the graph names)
+
             model = keras.models.load_model(directory / MODEL_FILE, compile=False)
         except Exception as exc:  # keras raises many types for a corrupt file
             msg = f"cannot load model from {directory}: {exc}"

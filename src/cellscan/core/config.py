@@ -97,13 +97,13 @@ class TrainParams:
     epochs: int = 40
     batch_size: int = 16
     learning_rate: float = 1e-3
-    patience: int = 6
+    patience: int = 8
     augment: bool = True
-    flip: bool = True
+    flip: bool = False
     anomaly_prob: float = 0.5
     ssim_weight: float = 0.5
     crop: int = 64  # side of the random training crops (capped at the working size)
-    steps_per_epoch: int = 0  # 0: one crop per training image per epoch
+    steps_per_epoch: int = 0  # 0: one crop per training image per epoch (at least 50 batches)
     max_seconds: int = 720  # training time budget; the best weights so far are kept
     head_weight: float = 1.0  # weight of the discriminative head's loss
 

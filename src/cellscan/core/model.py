@@ -19,6 +19,17 @@ from keras import layers
 from cellscan.core.config import ModelParams
 
 
+@keras.saving.register_keras_serializable(package="cellscan")
+class AbsDiff(layers.Layer):  # type: ignore[misc]
+    """|a - b|, a named layer (not a Lambda) so saved models load in safe mode."""
+
+    def call(self, inputs: list[keras.KerasTensor]) -> keras.KerasTensor:
+        return keras.ops.abs(inputs[0] - inputs[1])
+
+    def compute_output_shape(self, shapes: list[tuple[int | None, ...]]) -> tuple[int | None, ...]:
+        return shapes[0]
+
+
 def _block(x: keras.KerasTensor, filters: int, name: str, stride: int = 1, convs: int = 2) -> keras.KerasTensor:
     for i in range(convs):
         x = layers.Conv2D(filters, 3, strides=stride if i == 0 else 1, padding="same", name=f"{name}_{i}")(x)
@@ -45,7 +56,9 @@ def _reconstruction(inputs: keras.KerasTensor, channels: int, p: ModelParams) ->
 
 def _head(image: keras.KerasTensor, recon: keras.KerasTensor, p: ModelParams) -> keras.KerasTensor:
     """A U-Net from half resolution down to 1/2**head_depth; its mask logits are upsampled to full size."""
-    x = layers.Concatenate(name="head_in")([image, recon])
+    # The head compares: it sees the image, the reconstruction and their absolute difference.
+    diff = AbsDiff(name="abs_diff")([image, recon])
+    x = layers.Concatenate(name="head_in")([image, recon, diff])
     x = _block(x, p.head_filters, "head_enc0", stride=2)
     skips = [x]
     for i in range(1, p.head_depth):

@@ -22,6 +22,7 @@ from cellscan.core.evaluate import Evaluation, evaluate_model
 from cellscan.core.images import image_shape, load_batch
 
 logger = logging.getLogger(__name__)
+MIN_STEPS = 50  # batches per epoch at least, so that small sets still get a steady validation signal
 
 
 def set_seeds(seed: int) -> None:
@@ -72,7 +73,7 @@ def _batches(images: np.ndarray, params: Params, seed: int, head: bool) -> Any:
 
     tp = params.train
     side = _crop_side(images.shape[1:3], params)
-    steps = tp.steps_per_epoch or math.ceil(len(images) / tp.batch_size)
+    steps = tp.steps_per_epoch or max(MIN_STEPS, math.ceil(len(images) / tp.batch_size))
 
     class Batches(keras.utils.PyDataset):  # type: ignore[misc]
         """Augmented random crops, partly corrupted, with clean targets and anomaly masks."""
@@ -178,7 +179,8 @@ def fit_model(
     # Validation on fixed crops of the hold-out (full images would cost as much as the training epoch).
     vrng = np.random.default_rng(params.base.seed + 1)
     side = _crop_side(shape, params)
-    hold_crops = np.stack([random_crop(x_hold[i % len(x_hold)], side, vrng) for i in range(max(32, len(x_hold)))])
+    n_val = int(np.clip(4 * len(x_hold), 64, 256))
+    hold_crops = np.stack([random_crop(x_hold[i % len(x_hold)], side, vrng) for i in range(n_val)])
     hold_in, hold_masks = _corrupt(hold_crops, vrng, tp.anomaly_prob)
     hold_y = {"recon": hold_crops, "mask": hold_masks} if head else {"recon": hold_crops}
     budget = _BestWithinBudget(tp.patience, tp.max_seconds)
