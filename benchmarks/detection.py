@@ -3,10 +3,16 @@
 For every category (a folder with train/good and test/) under the root, each method trains on
 train/good and is scored on test/good + test/<defect> (the same split for all):
 
-- cellscan: the product's autoencoder (simulated anomalies, SSIM + L2 maps, per-pixel standardisation)
+- cellscan: the product at its defaults (params.yaml): native resolution, reconstruction network and
+  discriminative head trained on simulated anomalies, fused score; nothing set per dataset
 - pca: PCA reconstruction error on 32x32 pixels
 - iforest: IsolationForest on 16x16 pixels (image scores only)
-- plain_ae: the original design's autoencoder (same network, MSE loss, mean error, no tuning)
+- plain_ae: the original design's autoencoder (64x64, conv encoder, dense bottleneck, MSE, mean error)
+- before: cellscan's figures before this change (benchmarks/results/detection_before.json), not re-run
+
+Ablations (--ablation) train cellscan twice more on each category: the native-resolution reconstruction
+network alone (no head), and the head at a fixed 64x64 working size. --seeds N repeats cellscan with N seeds
+on the categories given by --seed-only.
 
 Prints a table (image AUROC, pixel AUROC where masks exist, training seconds) and writes JSON.
 
@@ -28,7 +34,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 
-from cellscan.core.config import Params
+from cellscan.core.config import Params, load_params
 from cellscan.core.data import Dataset, load_dataset
 from cellscan.core.evaluate import evaluate_model, pixel_auroc
 from cellscan.core.images import load_batch, load_mask, resize
@@ -38,39 +44,57 @@ from cellscan.core.train import train
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "datasets"
 METHODS = ("cellscan", "pca", "iforest", "plain_ae")
+BEFORE = HERE / "results" / "detection_before.json"
 
 
 def categories(root: Path) -> list[Path]:
     return sorted(p.parent.parent for p in root.glob("*/*/train/good") if p.is_dir())
 
 
-def params_for(category: Path, max_epochs: int) -> Params:
-    """Image size and flips per dataset: digits are small and oriented, radiographs and tiles are not."""
-    digits = category.parent.name == "mnist"
-    size = 32 if digits else 64
-    return Params().with_overrides(
-        {
-            "data.image_size": size,
-            "train.flip": not digits,
-            "train.epochs": max_epochs,
-            "train.patience": 5,
-            "train.batch_size": 32,
-        }
-    )
+def params_for(category: Path, max_seconds: int | None = None, seed: int = 42) -> Params:
+    """The product's defaults (params.yaml): the same for every category."""
+    p = load_params(HERE.parent / "params.yaml")
+    over: dict[str, object] = {"base.seed": seed}
+    if max_seconds:
+        over["train.max_seconds"] = max_seconds
+    return p.with_overrides(over)
 
 
-def plain_params(p: Params) -> Params:
-    return p.with_overrides(
-        {
-            "train.ssim_weight": 0.0,
-            "train.augment": False,
-            "train.anomaly_prob": 0.0,
-            "score.map": "l2",
-            "score.aggregation": "mean",
-            "score.smooth_sigma": 0.0,
-            "score.normalize": False,
-        }
-    )
+ABLATIONS: dict[str, dict[str, object]] = {
+    "native_recon_only": {"model.head_filters": 0, "score.fusion": "recon"},
+    "head_at_64px": {"data.image_size": 64},
+}
+
+
+def plain_ae(ds: Dataset, size: int = 64, epochs: int = 30, seed: int = 0) -> dict[str, float]:
+    """The original design's autoencoder: 64x64 input, conv encoder, dense bottleneck, MSE, mean error."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    x = load_batch(ds.train, size=size, channels=1)
+    inp = keras.Input((size, size, 1))
+    h = inp
+    for f in (32, 64, 128):
+        h = layers.Conv2D(f, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Dense(128)(layers.Flatten()(h))
+    h = layers.Reshape((size // 8, size // 8, 128))(layers.Dense((size // 8) ** 2 * 128, activation="relu")(h))
+    for f in (128, 64, 32):
+        h = layers.Conv2DTranspose(f, 3, strides=2, padding="same", activation="relu")(h)
+    net = keras.Model(inp, layers.Conv2D(1, 3, padding="same", activation="sigmoid")(h))
+    net.compile("adam", "mse")
+    t0 = time.perf_counter()
+    net.fit(x, x, epochs=epochs, batch_size=32, validation_split=0.15, verbose=0,
+            callbacks=[keras.callbacks.EarlyStopping(patience=5, restore_best_weights=True)])
+    seconds = time.perf_counter() - t0
+    samples = ds.evaluation
+    xe = load_batch([s.path for s in samples], size=size, channels=1)
+    err = (xe - net.predict(xe, verbose=0)) ** 2
+    labels = np.array([s.label for s in samples])
+    out = {"image_auroc": _auroc(labels, err.mean(axis=(1, 2, 3))), "train_seconds": seconds}
+    if ds.has_masks:
+        out["pixel_auroc"] = pixel_auroc(err[..., 0], np.stack([load_mask(s.mask, size) for s in samples]))
+    return out
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -79,21 +103,26 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def run_ae(p: Params, ds: Dataset) -> dict[str, float]:
+def run_cellscan(p: Params, ds: Dataset) -> dict[str, float]:
     res = train(p, ds)
+    meta = res.model.meta
     return {
         "image_auroc": res.evaluation.metrics["image_auroc"],
         "pixel_auroc": res.evaluation.metrics.get("pixel_auroc", float("nan")),
         "train_seconds": res.seconds,
         "epochs": res.epochs,
+        "n_params": meta.get("n_params", 0),
+        "train_images_per_s": meta.get("train_images_per_s", 0),
+        "input_shape": meta.get("input_shape"),
+        "stopped_by": meta.get("stopped_by", ""),
     }
 
 
-def run_shallow(method: str, ds: Dataset, p: Params, x_train: np.ndarray) -> dict[str, float]:
+def run_shallow(method: str, ds: Dataset, x_train: np.ndarray, size: int = 64) -> dict[str, float]:
     samples = ds.evaluation
     side = 32 if method == "pca" else 16
     xt = np.stack([resize(a, side) for a in x_train]).reshape(len(x_train), -1)
-    xe_full = load_batch([s.path for s in samples], size=p.data.image_size, channels=1)
+    xe_full = load_batch([s.path for s in samples], size=size, channels=1)
     xe = np.stack([resize(a, side) for a in xe_full]).reshape(len(xe_full), -1)
     labels = np.array([s.label for s in samples])
     t0 = time.perf_counter()
@@ -105,8 +134,8 @@ def run_shallow(method: str, ds: Dataset, p: Params, x_train: np.ndarray) -> dic
         err = (xe - rec) ** 2
         scores = err.mean(axis=1)
         if ds.has_masks:
-            maps = np.stack([resize(e.reshape(side, side, 1), p.data.image_size)[..., 0] for e in err])
-            masks = np.stack([load_mask(s.mask, p.data.image_size) for s in samples])
+            maps = np.stack([resize(e.reshape(side, side, 1), size)[..., 0] for e in err])
+            masks = np.stack([load_mask(s.mask, size) for s in samples])
             out["pixel_auroc"] = pixel_auroc(maps, masks)
     else:
         model = IsolationForest(n_estimators=200, random_state=0).fit(xt)
@@ -122,41 +151,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "detection.json")
     ap.add_argument("--only", nargs="*", default=None, help="category names to run (default: all)")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping ends sooner)")
-    ap.add_argument("--max-train", type=int, default=1000, help="cap on training images per category")
+    ap.add_argument("--max-seconds", type=int, default=None, help="override train.max_seconds (default: params.yaml)")
+    ap.add_argument("--max-train", type=int, default=0, help="cap on training images per category (0: all)")
+    ap.add_argument("--ablation", action="store_true", help="also train the ablation variants")
+    ap.add_argument("--seeds", type=int, default=1, help="cellscan runs with seeds 42, 43, ...")
+    ap.add_argument("--seed-only", nargs="*", default=["weld_radiograph"], help="categories that get --seeds")
     args = ap.parse_args(argv)
 
     if not args.root.is_dir():
         print(f"dataset root {args.root} is absent: nothing to benchmark (skipped)")
         return 0
     cats = [c for c in categories(args.root) if not args.only or c.name in args.only]
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    if args.out.is_file():  # resume: keep categories already measured
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    if args.out.is_file():  # resume: keep what was measured already
         results = json.loads(args.out.read_text()).get("results", {})
+    before = json.loads(BEFORE.read_text())["results"] if BEFORE.is_file() else {}
     for cat in cats:
         key = f"{cat.parent.name}/{cat.name}"
-        if key in results and all(m in results[key] for m in args.methods):
-            continue
         ds = load_dataset(cat)
-        ds.train = ds.train[: args.max_train]
-        p = params_for(cat, args.epochs)
-        x_train = load_batch(ds.train, size=p.data.image_size, channels=1)
-        row: dict[str, dict[str, float]] = results.get(key, {})
-        for m in args.methods:
+        if args.max_train:
+            ds.train = ds.train[: args.max_train]
+        row = results.get(key, {})
+        todo: list[tuple[str, Params | None]] = [(m, None) for m in args.methods]
+        if args.ablation:
+            todo += [(name, params_for(cat, args.max_seconds).with_overrides(o)) for name, o in ABLATIONS.items()]
+        if args.seeds > 1 and cat.name in args.seed_only:
+            todo += [(f"cellscan_seed{s}", params_for(cat, args.max_seconds, s)) for s in range(43, 42 + args.seeds)]
+        for name, p in todo:
+            if name in row:
+                continue
             t0 = time.perf_counter()
-            if m == "cellscan":
-                row[m] = run_ae(p, ds)
-            elif m == "plain_ae":
-                row[m] = run_ae(plain_params(p), ds)
+            if name == "cellscan":
+                row[name] = run_cellscan(params_for(cat, args.max_seconds), ds)
+            elif p is not None:
+                row[name] = run_cellscan(p, ds)
+            elif name == "plain_ae":
+                row[name] = plain_ae(ds)
             else:
-                row[m] = run_shallow(m, ds, p, x_train)
-            print(f"{key:32s} {m:9s} image AUROC {row[m]['image_auroc']:.3f} ({time.perf_counter() - t0:.0f}s)",
+                row[name] = run_shallow(name, ds, load_batch(ds.train, size=64, channels=1))
+            print(f"{key:32s} {name:18s} image AUROC {row[name]['image_auroc']:.3f} ({time.perf_counter() - t0:.0f}s)",
                   flush=True)
-        results[key] = row
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"root": str(args.root), "results": results}, indent=2))
+            results[key] = row
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"root": str(args.root), "results": results}, indent=2))
+        if key in before and "cellscan" in before[key]:
+            row["before"] = before[key]["cellscan"]
     print()
-    print(format_table(results, args.methods))
+    shown = {k: v for k, v in results.items() if not args.only or k.split("/")[1] in args.only}
+    extra = sorted({m for r in shown.values() for m in r} - set(METHODS) - {"before"})
+    print(format_table(shown, [*METHODS, "before"]))
+    if extra:
+        print()
+        print(format_table(shown, ["cellscan", *extra], mean_over_all=False))
     return 0
 
 

@@ -10,8 +10,12 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def format_table(results: dict[str, dict[str, dict[str, float]]], methods: Sequence[str]) -> str:
-    """Rows per category; per method image AUROC, pixel AUROC and training seconds; the best image AUROC starred."""
+def format_table(results: dict[str, dict[str, dict[str, float]]], methods: Sequence[str],
+                 mean_over_all: bool = True) -> str:
+    """Rows per category; per method image AUROC, pixel AUROC and training seconds; the best image AUROC starred.
+
+    Only categories that every shown method has are averaged (unless ``mean_over_all``).
+    """
     head = ["category"] + [f"{m} img/px/s" for m in methods]
     lines = [head]
     for cat, row in results.items():
@@ -28,8 +32,9 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], methods: Seque
             )
         lines.append(cells)
     means = ["mean image AUROC"]
+    common = [row for row in results.values() if mean_over_all or all(m in row for m in methods)]
     for m in methods:
-        vals = [row[m]["image_auroc"] for row in results.values() if m in row]
+        vals = [row[m]["image_auroc"] for row in common if m in row]
         means.append(_fmt(sum(vals) / len(vals)) if vals else "-")
     lines.append(means)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
