@@ -122,7 +122,7 @@ class Cellscan:
         runner = make_runner(self.settings, REPO, os.environ, self.project / "runs" / "jobs")
         self.jobs = Jobs(runner, self.settings.max_pending_jobs, on_done=lambda job: self.holder.refresh())
         self.m_pred = bentoml.metrics.Counter("cellscan_predictions_total", "Predictions by outcome", ["result"])
-        self.m_score = bentoml.metrics.Histogram("cellscan_score", "Image scores (reconstruction_error)",
+        self.m_score = bentoml.metrics.Histogram("cellscan_score", "Image scores (anomaly_score, what the threshold applies to)",
                                                  buckets=(-2, -1, 0, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, float("inf")))
         self.m_latency = bentoml.metrics.Histogram("cellscan_predict_seconds", "Per-image prediction latency")
         self.m_batch = bentoml.metrics.Histogram("cellscan_batch_size", "Images per model call",
@@ -147,11 +147,12 @@ class Cellscan:
             raise BadRequest(str(exc)) from None
 
     def _decode(self, name: str, data: bytes) -> Any:
+        """(working-size input, the image at its own size) or a 400 naming what was expected."""
         from cellscan.errors import CellscanError
 
         model, _ = self._model()
         try:
-            return model.load(data, max_pixels=self.params.data.max_pixels)
+            return model.load_pair(data, max_pixels=self.params.data.max_pixels)
         except CellscanError as exc:
             raise BadRequest(f"{name}: {exc}") from None
 
@@ -165,15 +166,16 @@ class Cellscan:
 
     async def _one(self, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
-        x = await asyncio.to_thread(self._decode, name, data)
+        x, native = await asyncio.to_thread(self._decode, name, data)
         record, amap, version = await self.batcher.score(x)
         record["model_version"] = version
-        if heatmap:
+        if heatmap:  # at the size of the image sent
             from cellscan.core.plots import overlay_png
 
-            record["heatmap_png"] = base64.b64encode(overlay_png(x, amap, record["threshold"])).decode()
+            png = await asyncio.to_thread(overlay_png, native, amap, record["threshold"])
+            record["heatmap_png"] = base64.b64encode(png).decode()
         self.m_latency.observe(time.perf_counter() - t0)
-        self.m_score.observe(record["reconstruction_error"])
+        self.m_score.observe(record["anomaly_score"])
         self.m_pred.labels(result="anomaly" if record["is_anomaly"] else "normal").inc()
         self._recent = [*self._recent[-999:], record["is_anomaly"]]
         self.m_rate.set(sum(self._recent) / len(self._recent))

@@ -123,7 +123,8 @@ def test_health_models_and_metrics(served):
 def test_predict_by_url_upload_batch_and_heatmap(served):
     with _client(served) as c:
         one = c.post("/predict", json={"image_url": _image(served)}).json()
-        assert set(one) == {"is_anomaly", "reconstruction_error", "threshold", "model_version"}
+        assert set(one) == {"is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version"}
+        assert one["is_anomaly"] == (one["anomaly_score"] > one["threshold"])
         path = sorted((served["project"] / "data/cells/test/good").glob("*.png"))[0]
         up = c.post("/predict", files={"image": (path.name, path.read_bytes(), "image/png")}).json()
         assert up["model_version"] == 1 and isinstance(up["is_anomaly"], bool)
@@ -133,6 +134,11 @@ def test_predict_by_url_upload_batch_and_heatmap(served):
         heat = c.post("/predict", json={"image_url": _image(served), "heatmap": True}).json()
         png = Image.open(io.BytesIO(base64.b64decode(heat["heatmap_png"])))
         assert png.mode == "RGB"
+        # The heatmap has the size of the image sent, not the model's working size.
+        wide = np.random.default_rng(3).random((40, 90)).astype(np.float32)
+        sent = c.post("/predict", data={"heatmap": "true"},
+                      files={"image": ("wide.png", encode_png(wide), "image/png")}).json()
+        assert Image.open(io.BytesIO(base64.b64decode(sent["heatmap_png"]))).size == (90, 40)
         metrics = c.get("/metrics").text
         assert "cellscan_predictions_total" in metrics and "cellscan_batch_size" in metrics
 

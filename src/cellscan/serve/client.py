@@ -20,8 +20,8 @@ import httpx
 from cellscan.core.data import list_images
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
-FIELDS = ["image", "status", "is_anomaly", "reconstruction_error", "threshold", "model_version", "error", "attempts",
-          "seconds"]
+FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
+          "error", "attempts", "seconds"]
 
 
 @dataclass
