@@ -227,6 +227,13 @@ class PrefectRunner:
         return {"project": str(self.settings.home)} | self.flows[kind].parameters
 
     async def _run(self, job: Job) -> dict[str, Any]:
+        # Talk to the server the settings name, whatever Prefect context the process has entered before.
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.settings.prefect_api_url}):
+            return await self._run_on_server(job)
+
+    async def _run_on_server(self, job: Job) -> dict[str, Any]:
         from prefect.client.orchestration import get_client
         from prefect.deployments import arun_deployment
         from prefect.exceptions import ObjectNotFound
