@@ -1,4 +1,4 @@
-"""The original design's server, as a baseline: Flask, one image per request, Keras predict, MSE.
+"""The original design's server, as a baseline: Flask, one image per request, Keras predict, MSE of the reconstruction.
 
     python benchmarks/flask_baseline.py MODEL_DIR PORT
 """
@@ -11,6 +11,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
+
+import cellscan.core.model  # noqa: F401  (registers the graph's custom layer)
 import httpx
 import keras
 import numpy as np
@@ -19,17 +22,18 @@ from PIL import Image
 
 model_dir, port = sys.argv[1], int(sys.argv[2])
 model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
-size = model.input_shape[1]
-threshold = float(__import__("json").load(open(os.path.join(model_dir, "meta.json")))["threshold"])
+meta = json.load(open(os.path.join(model_dir, "meta.json")))
+height, width = meta["input_shape"]
+threshold = float(meta["threshold"])
 app = Flask(__name__)
 
 
 @app.post("/predict")
 def predict():  # type: ignore[no-untyped-def]
     url = request.get_json()["image_url"]
-    img = Image.open(io.BytesIO(httpx.get(url, timeout=10).content)).convert("L").resize((size, size))
+    img = Image.open(io.BytesIO(httpx.get(url, timeout=10).content)).convert("L").resize((width, height))
     x = np.asarray(img, dtype=np.float32)[None, ..., None] / 255.0
-    recon = model.predict(x, verbose=0)
+    recon = model.predict(x, verbose=0)["recon"]
     err = float(np.mean((x - recon) ** 2))
     return jsonify({"is_anomaly": err > threshold, "reconstruction_error": err})
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = tmp / "model"
     subprocess.run([sys.executable, "-c",
                     "from cellscan.mlops import registry; from cellscan.settings import Settings; from pathlib import Path;"
-                    f"m, _ = registry.load_model(Settings.from_env(Path({str(project)!r}))); m.save({str(model_dir)!r})"],
+                    f"m, _ = registry.load_model('champion', Settings.from_env(Path({str(project)!r}))); m.save({str(model_dir)!r})"],
                    cwd=REPO, env=env, check=True, capture_output=True)
 
     data = project / "data/cells"

@@ -96,8 +96,6 @@ def load_model(
         ModelError: the directory or the version's artifact is not a cellscan bundle.
         RegistryError: no such version or alias.
     """
-    if isinstance(ref, Settings):  # the earlier call order load_model(settings, ref)
-        ref, settings = (settings if settings is not None else CHAMPION), ref  # type: ignore[assignment]
     name, what = parse_ref(ref)  # type: ignore[arg-type]
     if isinstance(what, Path):
         return CellscanModel.load_dir(what), None
