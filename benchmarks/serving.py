@@ -45,20 +45,10 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 def make_project(root: Path, overrides: dict[str, object]) -> Path:
     """A project to serve: params.yaml (the defaults plus ``overrides``), synthetic data, git + DVC."""
-    import yaml
-
     from cellscan.core.config import Params
-    from cellscan.core.synth import generate
-    from cellscan.mlops.versioning import init_repo
+    from cellscan.mlops.versioning import init_project
 
-    params = Params().with_overrides(overrides)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
-    s = params.synth
-    generate(root / "data" / "cells", size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
-             n_per_defect=s.n_per_defect, seed=11)
-    init_repo(root, root.parent / f"{root.name}-remote")
-    return root
+    return init_project(root, Params().with_overrides(overrides))
 
 
 def _wait(url: str, proc: subprocess.Popen[bytes], seconds: int = 180) -> None:

@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cellscan.settings import Settings
-from cellscan.core.synth import generate
-from cellscan.mlops.versioning import init_repo
+from cellscan.mlops.versioning import init_project
 from tests.conftest import tiny_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,14 +33,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
 
 def make_project(root: Path, **overrides: object) -> Path:
     """A project folder: params.yaml, synthetic data/cells, git + DVC with a local remote."""
-    params = tiny_params(**overrides)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
-    s = params.synth
-    generate(root / "data" / "cells", size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
-             n_per_defect=s.n_per_defect, seed=11)
-    init_repo(root, root.parent / f"{root.name}-remote")
-    return root
+    return init_project(root, tiny_params(**overrides))
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from cellscan.core.config import Params
 from cellscan.errors import VersioningError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,20 @@ def init_repo(project: Path, remote: Path | None = None) -> None:
     if remote is not None and not dvc("remote", "list", cwd=project).stdout.strip():
         remote.mkdir(parents=True, exist_ok=True)
         dvc("remote", "add", "-d", "local", str(remote.resolve()), cwd=project)
+
+
+def init_project(root: Path, params: Params, seed: int = 11) -> Path:
+    """A self-contained project: ``params.yaml``, the synthetic CT set under ``data.root`` and a git + DVC
+    repository whose local remote sits beside it (tests, benchmarks and demos start from this)."""
+    from cellscan.core.synth import generate
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    s = params.synth
+    generate(root / params.data.root, size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
+             n_per_defect=s.n_per_defect, seed=seed)
+    init_repo(root, root.parent / f"{root.name}-remote")
+    return root
 
 
 def data_hash(project: Path, target: str = "data") -> str | None:
