@@ -117,7 +117,11 @@ def pull(project: Path, target: str = "data") -> bool:
 
 
 def git_commit(project: Path) -> str:
-    res = _run(["git", "rev-parse", "HEAD"], project, check=False)
+    """The project's commit, or "unknown" (no repository, or no git installed, as in the container image)."""
+    try:
+        res = _run(["git", "rev-parse", "HEAD"], project, check=False)
+    except OSError:
+        return "unknown"
     return res.stdout.strip() if res.returncode == 0 else "unknown"
 
 
