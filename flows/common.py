@@ -17,8 +17,6 @@ from cellscan.mlops import steps as pipeline
 from cellscan.core.config import Params, load_params
 from cellscan.settings import Settings, setup_offline
 
-setup_offline()
-
 
 def context(project: str, params_path: str, overrides: dict[str, Any] | None) -> tuple[Path, Params, Settings]:
     root = Path(project).resolve()
@@ -108,6 +106,7 @@ def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[st
     ap.add_argument("--params", default="params.yaml", help="params file, relative to the project")
     ap.add_argument("--result", default=None, help="write the flow's result as JSON to this file")
     args = ap.parse_args(argv)
+    setup_offline()  # telemetry off before the first flow run starts Prefect's local API or imports MLflow
     result = flow_fn(project=args.project, params_path=args.params)
     if args.result:
         write_result(args.result, result)
