@@ -34,6 +34,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 
+from cellscan.core.bundle import CellscanModel
 from cellscan.core.config import Params, load_params
 from cellscan.core.data import Dataset, load_dataset
 from cellscan.core.evaluate import evaluate_model, pixel_auroc
@@ -103,10 +104,32 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
+    """Image and pixel AUROC of the reconstruction part and of the head part alone (one forward pass)."""
+    from cellscan.core.scoring import aggregate
+
+    samples = ds.evaluation
+    labels = np.array([s.label for s in samples])
+    x = load_batch([s.path for s in samples], size=model.shape, channels=model.channels)
+    p = model.score_params
+    parts = [model._parts(x[i : i + 32], p) for i in range(0, len(x), 32)]
+    rmap = np.concatenate([m for _, m, _ in parts])
+    out = {"recon_image_auroc": _auroc(labels, aggregate(rmap, p.aggregation, p.topk))}
+    masks = np.stack([load_mask(s.mask, model.shape) for s in samples]) if ds.has_masks else None
+    if masks is not None:
+        out["recon_pixel_auroc"] = pixel_auroc(rmap, masks)
+    if parts[0][2] is not None:
+        hmap = np.concatenate([h for _, _, h in parts])
+        out["head_image_auroc"] = _auroc(labels, hmap.reshape(len(hmap), -1).max(axis=1))
+        if masks is not None:
+            out["head_pixel_auroc"] = pixel_auroc(hmap, masks)
+    return out
+
+
 def run_cellscan(p: Params, ds: Dataset) -> dict[str, float]:
     res = train(p, ds)
     meta = res.model.meta
-    return {
+    return score_parts(res.model, ds) | {
         "image_auroc": res.evaluation.metrics["image_auroc"],
         "pixel_auroc": res.evaluation.metrics.get("pixel_auroc", float("nan")),
         "train_seconds": res.seconds,
