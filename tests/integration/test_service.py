@@ -86,15 +86,7 @@ def served(tmp_path_factory):  # type: ignore[no-untyped-def]
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited: {(root / 'serve.log').read_text()[-2000:]}")
-            time.sleep(1)
+        _wait_http(f"{base}/readyz", proc, root / "serve.log")
         yield {"base": base, "files": f"http://127.0.0.1:{fport}", "project": project, "root": root, "pid": proc.pid,
                "env": env}
     finally:
