@@ -219,24 +219,31 @@ class CellscanModel:
         return directory
 
     @classmethod
-    def load_dir(cls, directory: str | Path) -> CellscanModel:
+    def load_dir(cls, directory: str | Path, network: bool = True) -> CellscanModel:
         """Load a model directory written by :meth:`save`.
+
+        Args:
+            directory: the model directory.
+            network: load model.keras; False reads only the scoring files (no Keras import), for a
+                model whose networks run elsewhere (:meth:`use_backend`, ``cellscan.edge``).
 
         Raises:
             ModelError: the directory or one of its files is missing or unreadable.
         """
-        import keras
-
         directory = Path(directory)
-        for name in (MODEL_FILE, META_FILE):
+        for name in (MODEL_FILE, META_FILE) if network else (META_FILE,):
             if not (directory / name).is_file():
                 msg = f"not a cellscan model directory (missing {name}): {directory}"
                 raise ModelError(msg)
         try:
             meta = json.loads((directory / META_FILE).read_text())
-            import cellscan.core.model  # noqa: F401  (registers the custom layers the graph names)
+            model = None
+            if network:
+                import keras
 
-            model = keras.models.load_model(directory / MODEL_FILE, compile=False)
+                import cellscan.core.model  # noqa: F401  (registers the custom layers the graph names)
+
+                model = keras.models.load_model(directory / MODEL_FILE, compile=False)
         except Exception as exc:  # keras raises many types for a corrupt file
             msg = f"cannot load model from {directory}: {exc}"
             raise ModelError(msg) from exc
