@@ -11,6 +11,10 @@ CELLSCAN_HOME                  the project folder (params.yaml, data/, mlflow/) 
 MLFLOW_TRACKING_URI            MLflow tracking and registry server                     sqlite in <home>/mlflow
 CELLSCAN_MODEL_NAME            registered model name                                   cellscan
 PREFECT_API_URL                a Prefect server: trainings run as its deployments     none: a child process
+CELLSCAN_PREDICTION_DB         prediction log (SQLAlchemy URL, e.g. postgresql+...)   sqlite in <home>/monitoring
+CELLSCAN_MONITOR_DIR           kept images and drift reports                          <home>/monitoring
+CELLSCAN_KEEP_IMAGES_DAYS      days predicted images are kept (0: none)               30
+CELLSCAN_PREDICTION_LOG        0: the service logs no predictions                     1
 CELLSCAN_API_KEY               key for the routes that change data or models          none
 CELLSCAN_API_KEY_FILE          file holding that key (first line)                      none
 CELLSCAN_OPEN                  1: allow changes without a key (logs a warning)        0
@@ -83,6 +87,10 @@ class Settings:
     tracking_uri: str
     model_name: str = "cellscan"
     prefect_api_url: str | None = None
+    prediction_db: str = ""  # empty: sqlite in monitor_dir (from_env fills it in)
+    monitor_dir: Path = Path("monitoring")
+    keep_images_days: float = 30.0
+    prediction_log: bool = True
     api_key: str | None = field(default=None, repr=False)
     open_mode: bool = False
     url_allowlist: tuple[str, ...] = ()
@@ -99,11 +107,16 @@ class Settings:
         env = os.environ if env is None else env
         home = Path(root or env.get("CELLSCAN_HOME", ".")).resolve()
         fdir = env.get("CELLSCAN_FILE_URL_DIR", "").strip()
+        mdir = Path(env.get("CELLSCAN_MONITOR_DIR") or home / "monitoring").resolve()
         return cls(
             home=home,
             tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
             model_name=env.get("CELLSCAN_MODEL_NAME") or "cellscan",
             prefect_api_url=env.get("PREFECT_API_URL") or None,
+            prediction_db=env.get("CELLSCAN_PREDICTION_DB") or f"sqlite:///{mdir / 'predictions.db'}",
+            monitor_dir=mdir,
+            keep_images_days=_num(env, "CELLSCAN_KEEP_IMAGES_DAYS", 30.0),
+            prediction_log=env.get("CELLSCAN_PREDICTION_LOG", "1").strip().lower() not in ("0", "false", "no"),
             api_key=_key(env),
             open_mode=env.get("CELLSCAN_OPEN", "").strip().lower() in ("1", "true", "yes"),
             url_allowlist=tuple(a.strip() for a in env.get("CELLSCAN_URL_ALLOWLIST", "").split(",") if a.strip()),

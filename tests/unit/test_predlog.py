@@ -1,0 +1,54 @@
+"""Prediction log on a real sqlite store: descriptors, embedding, retention, background writer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellscan.core.images import encode_png
+from cellscan.mlops.monitor.descriptors import DESCRIPTORS, EMBED_DIM, describe, embed, header
+from cellscan.mlops.monitor.predlog import Item, LogWriter, PredictionLog
+from cellscan.settings import Settings
+
+
+def _img(seed: int, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.uniform(0.2, 0.6, (24, 24, 1)) + shift, 0, 1).astype(np.float32)
+
+
+def test_descriptors_follow_brightness_and_blur():
+    x = np.stack([_img(0), _img(0, 0.3)])
+    d = dict(zip(DESCRIPTORS, describe(x).T, strict=True))
+    assert d["mean"][1] == pytest.approx(d["mean"][0] + 0.3, abs=1e-3)
+    blurred = (x[:1] + np.roll(x[:1], 1, 1) + np.roll(x[:1], 1, 2) + np.roll(x[:1], 1, (1, 2))) / 4
+    assert describe(blurred)[0, DESCRIPTORS.index("sharpness")] < d["sharpness"][0] / 2
+    e = embed(x, x[..., 0])
+    assert e.shape == (2, EMBED_DIM) and np.allclose(e, embed(x, x[..., 0]))  # deterministic
+    assert header(encode_png(_img(1)[..., 0], 16)) == (24, 24, 16)
+
+
+def test_log_writes_reads_and_prunes(tmp_path):
+    s = Settings.from_env(tmp_path, env={"CELLSCAN_KEEP_IMAGES_DAYS": "1"})
+    assert s.prediction_db == f"sqlite:///{tmp_path / 'monitoring' / 'predictions.db'}"
+    log = PredictionLog.from_settings(s)
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    old = time.time() - 3 * 86400
+    items = [Item(_img(i), encode_png(_img(i)[..., 0]), rec, np.arange(EMBED_DIM, dtype=float), "upload", f"{i}.png",
+                  3, 0.01, "b1", ts=old if i == 0 else time.time()) for i in range(3)]
+    writer = LogWriter(log)
+    for it in items:
+        writer.submit(it)
+    writer.flush()
+    df = log.frame(model_version=3)
+    assert len(df) == 3 and writer.written == 3 and df["emb_7"].tolist() == [7.0] * 3
+    assert set(DESCRIPTORS) <= set(df.columns) and df["bit_depth"].tolist() == [8, 8, 8]
+    # The writer prunes as it starts: the 3-day-old image is gone (retention 1 day), the others are kept.
+    assert df["image_path"].isna().tolist() == [True, False, False]
+    assert all(Path(p).is_file() for p in df["image_path"][1:])
+    assert log.prune() == 0
+    log.add_alert("drift", 3, True, {"columns": ["mean"]})
+    assert log.last_emitted(("drift",)) is not None and log.last_emitted(("rate",)) is None
+    writer.close()
