@@ -187,6 +187,33 @@ class RetrainParams:
 
 
 @dataclass(frozen=True)
+class MonitorParams:
+    """The monitor flow: how often, on which window, and when drift or an anomaly-rate jump is called."""
+
+    interval_minutes: int = 60  # schedule of the monitor deployment
+    window: int = 200  # newest predictions of the champion compared with its reference
+    min_samples: int = 30  # fewer: no report
+    p_value: float = 0.01  # K-S p-value under which a column (descriptor, embedding component, score) drifted
+    drift_share: float = 0.5  # descriptor drift when at least this share of descriptor columns drifted
+    embedding_share: float = 0.5  # embedding drift when at least this share of its components drifted
+    rate_z: float = 3.0  # anomaly-rate jump: rate above reference + z standard errors (+ 1/n)
+    cooldown_minutes: int = 360  # no second retrain event inside this time
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.interval_minutes <= 7 * 1440, "monitor.interval_minutes", "between 1 and 10080",
+               self.interval_minutes)
+        _check(self.window >= 10, "monitor.window", ">= 10", self.window)
+        _check(2 <= self.min_samples <= self.window, "monitor.min_samples", "between 2 and monitor.window",
+               self.min_samples)
+        _check(0.0 < self.p_value < 0.5, "monitor.p_value", "in (0, 0.5)", self.p_value)
+        _check(0.0 < self.drift_share <= 1.0, "monitor.drift_share", "in (0, 1]", self.drift_share)
+        _check(0.0 < self.embedding_share <= 1.0, "monitor.embedding_share", "in (0, 1]", self.embedding_share)
+        _check(0.0 <= self.rate_z <= 10.0, "monitor.rate_z", "in [0, 10]", self.rate_z)
+        _check(0 <= self.cooldown_minutes <= 30 * 1440, "monitor.cooldown_minutes", "between 0 and 43200",
+               self.cooldown_minutes)
+
+
+@dataclass(frozen=True)
 class Params:
     """All parameter groups of params.yaml."""
 
@@ -198,6 +225,7 @@ class Params:
     score: ScoreParams = field(default_factory=ScoreParams)
     gate: GateParams = field(default_factory=GateParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
+    monitor: MonitorParams = field(default_factory=MonitorParams)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)

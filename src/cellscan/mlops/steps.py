@@ -79,6 +79,13 @@ def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, ev
              seconds: float | None = None) -> Registered:
     """Log the evaluation into the run and register the bundle directory as a new version."""
     metrics = tracking.log_training(settings, run, model, evaluation, history, seconds)
+    normals = [p for p, label in zip(evaluation.paths, evaluation.labels, strict=True) if label == 0]
+    try:  # the drift monitor's reference: this version's validation normals, as the prediction log sees them
+        from cellscan.mlops.monitor.reference import log_reference
+
+        log_reference(settings, run.run_id, model, normals)
+    except Exception as exc:  # noqa: BLE001 (a missing reference must not fail a registration)
+        logger.warning("monitoring reference not logged: %s", exc)
     version = tracking.log_and_register(settings, run, bundle_dir)
     return Registered(version, run.run_id, run.name, metrics)
 
