@@ -25,6 +25,8 @@ CELLSCAN_FETCH_MAX_BYTES       largest download                                 
 CELLSCAN_POLL_SECONDS          how often the service checks the champion alias         10
 CELLSCAN_MAX_PENDING_JOBS      trainings waiting or running before 429                 2
 CELLSCAN_JOB_TIMEOUT           seconds a waiting /retrain or /anomaly waits            3600
+CELLSCAN_RUNTIME               keras, or onnx / tflite: the service scores through     keras
+                               the champion's export (made on demand when missing)
 =============================  ======================================================  =========================
 """
 
@@ -79,6 +81,17 @@ def _key(env: Mapping[str, str]) -> str | None:
     return key or None
 
 
+RUNTIMES = ("keras", "onnx", "tflite")
+
+
+def _runtime(env: Mapping[str, str]) -> str:
+    value = env.get("CELLSCAN_RUNTIME", "").strip().lower() or "keras"
+    if value not in RUNTIMES:
+        msg = f"environment: CELLSCAN_RUNTIME must be one of: {', '.join(RUNTIMES)}, got {value!r}"
+        raise ConfigError(msg)
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the project, the tracking server and the orchestrator are, and the service's policy."""
@@ -100,6 +113,7 @@ class Settings:
     poll_seconds: float = 10.0
     max_pending_jobs: int = 2
     job_timeout_s: float = 3600.0
+    runtime: str = "keras"
 
     @classmethod
     def from_env(cls, root: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -126,4 +140,5 @@ class Settings:
             poll_seconds=_num(env, "CELLSCAN_POLL_SECONDS", 10.0),
             max_pending_jobs=int(_num(env, "CELLSCAN_MAX_PENDING_JOBS", 2, int)),
             job_timeout_s=_num(env, "CELLSCAN_JOB_TIMEOUT", 3600.0),
+            runtime=_runtime(env),
         )
