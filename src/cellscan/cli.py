@@ -422,6 +422,34 @@ def models_register(
     out.print(f"registered {bundle_dir} as version {res['version']} (run {res['run_name']}): {verdict}, {res['reason']}")
 
 
+@app.command("export")
+@_boundary
+def export(
+    ref: Annotated[str, typer.Argument(help="Version number, alias (champion) or bundle directory.")] = "champion",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or tflite.")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="fp16 or int8 (judged by AUROC change, not verdicts).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Export directory (default: exports/v<N>-<format>).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset for the parity check (default: the version's data.root).")] = None,
+    max_auroc_loss: Annotated[float, typer.Option(help="Largest image AUROC drop a quantized export may show.")] = 0.01,
+    log: Annotated[bool, typer.Option(help="Log the export as artifacts of the version's MLflow run.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the networks to ONNX or TFLite beside the bundle's scoring files, after a parity check with Keras."""
+    from cellscan.mlops.export import export_version
+
+    with console.status(f"exporting {ref} to {fmt}{'-' + quantize if quantize else ''} and checking parity"):
+        r = export_version(_settings(), ref, fmt, quantize, out_dir=out_dir, data_root=data,
+                           max_auroc_loss=max_auroc_loss, log=log)
+    if as_json:
+        _dump(r)
+        return
+    keys = ("n_images", "max_abs_map_diff", "max_score_diff", "verdicts_differ", "image_auroc_keras",
+            "image_auroc_export", "auroc_change", "seconds")
+    out.print(_metrics_table(f"{r['export']} export of {ref} -> {r['out_dir']}: {r['reason']}", {k: r[k] for k in keys}))
+    if r.get("artifact_uri"):
+        out.print(f"logged to {r['artifact_uri']}")
+
+
 client_app = typer.Typer(help="Talk to a running cellscan service.", no_args_is_help=True)
 app.add_typer(client_app, name="client")
 

@@ -7,6 +7,7 @@ Hierarchy::
     ├── DatasetError      a dataset folder is missing or does not follow a known layout
     ├── ConfigError       params.yaml, a setting or an argument is out of range
     ├── ModelError        a model bundle is missing, incomplete or incompatible
+    │   └── ParityError   an export (ONNX, TFLite) disagrees with the Keras model it came from
     ├── RegistryError     a registry operation cannot be done (unknown version, no earlier champion)
     │   └── NoModelError  no champion is registered yet
     ├── VersioningError   a DVC or git command failed
@@ -39,6 +40,10 @@ class ConfigError(CellscanError, ValueError):
 
 class ModelError(CellscanError):
     """A saved model is missing, incomplete or incompatible."""
+
+
+class ParityError(ModelError):
+    """An exported model gives other verdicts (or, quantized, a worse AUROC) than the Keras model."""
 
 
 class RegistryError(CellscanError):

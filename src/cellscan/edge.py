@@ -1,0 +1,254 @@
+"""Score images without TensorFlow: an exported network (ONNX or TFLite) with the bundle's own scoring.
+
+An export directory (written by ``cellscan export``, see :mod:`cellscan.mlops.export`) holds::
+
+    <dir>/model.onnx | model.tflite   the Keras graph only: image (N, H, W, C) -> recon, mask logits
+    <dir>/meta.json, map_stats.npz ...  every file of the model bundle except model.keras
+    <dir>/export.json                  format, quantization, input shape, source version
+    <dir>/parity.json                  how the export compared with the Keras model when it was made
+
+:func:`load_export` returns a :class:`~cellscan.core.bundle.CellscanModel` whose networks run in
+onnxruntime (or the LiteRT interpreter) through ``use_backend``: every step after the networks (maps,
+statistics, fusion, threshold) is the code the service runs, so verdicts agree. Nothing here imports
+TensorFlow or Keras; an edge device needs numpy, scipy, Pillow, PyYAML and onnxruntime (or ai-edge-litert).
+
+Command line (``cellscan-edge``)::
+
+    cellscan-edge score DIR --model EXPORT_DIR [--out results.csv] [--post URL]
+
+``--post`` sends the rows as JSON to URL (see :func:`post_results`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellscan.core.bundle import CellscanModel
+from cellscan.core.images import IMAGE_SUFFIXES
+from cellscan.errors import CellscanError, ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+EXPORT_INFO, PARITY_FILE = "export.json", "parity.json"
+MODEL_FILES = {"onnx": "model.onnx", "tflite": "model.tflite"}
+FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
+          "error"]
+
+
+def _pad(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Reflect-pad (N, h, w, C) up to ``shape`` (the export's input size), as the Keras path pads."""
+    ph, pw = shape[0] - x.shape[1], shape[1] - x.shape[2]
+    if ph < 0 or pw < 0:
+        msg = f"image batch {x.shape[1]}x{x.shape[2]} is larger than the export's input {shape[0]}x{shape[1]}"
+        raise ConfigError(msg)
+    return np.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else x
+
+
+class OnnxBackend:
+    """The exported graph in onnxruntime: ``x -> (recon (N, H, W, C), mask logits (N, H, W) or None)``."""
+
+    def __init__(self, path: Path, input_shape: tuple[int, int], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.shape = input_shape
+
+    def raw(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs on an input already at the export's size."""
+        return dict(zip(self.outputs, self.session.run(None, {self.input: x}), strict=True))
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        h, w = x.shape[1:3]
+        out = self.raw(_pad(x.astype(np.float32, copy=False), self.shape))
+        mask = out["mask"][:, :h, :w, 0] if "mask" in out else None
+        return out["recon"][:, :h, :w], mask
+
+
+class LiteBackend:
+    """The exported graph in the LiteRT interpreter (one call at a time: the interpreter is not thread-safe)."""
+
+    def __init__(self, path: Path, input_shape: tuple[int, int], threads: int = 0) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        self.runner = self.interpreter.get_signature_runner()
+        self.input = next(iter(self.runner.get_input_details()))
+        self.shape = input_shape
+        self._lock = threading.Lock()
+
+    def raw(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            return {k: np.array(v) for k, v in self.runner(**{self.input: x}).items()}
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        h, w = x.shape[1:3]
+        out = self.raw(_pad(x.astype(np.float32, copy=False), self.shape))
+        mask = out["mask"][:, :h, :w, 0] if "mask" in out else None
+        return out["recon"][:, :h, :w], mask
+
+
+def read_info(directory: Path) -> dict[str, Any]:
+    """export.json of an export directory.
+
+    Raises:
+        ModelError: the directory is not an export (no export.json or no model file).
+    """
+    info_path = Path(directory) / EXPORT_INFO
+    if not info_path.is_file():
+        msg = f"not a cellscan export (missing {EXPORT_INFO}; make one with `cellscan export`): {directory}"
+        raise ModelError(msg)
+    info: dict[str, Any] = json.loads(info_path.read_text())
+    if not (Path(directory) / info["file"]).is_file():
+        msg = f"export {directory} lacks its model file {info['file']}"
+        raise ModelError(msg)
+    return info
+
+
+def load_export(directory: str | Path, threads: int = 0) -> CellscanModel:
+    """A model scoring through the export's runtime (ONNX Runtime or LiteRT), with the bundle's scoring.
+
+    Args:
+        directory: an export directory written by ``cellscan export``.
+        threads: intra-op threads of the runtime (0: its default).
+
+    Raises:
+        ModelError: not an export directory, or its files are unreadable.
+    """
+    directory = Path(directory)
+    info = read_info(directory)
+    model = CellscanModel.load_dir(directory, network=False)
+    shape = (int(info["input_shape"][0]), int(info["input_shape"][1]))
+    backends = {"onnx": OnnxBackend, "tflite": LiteBackend}
+    try:
+        backend = backends[info["format"]](directory / info["file"], shape, threads)
+    except Exception as exc:  # onnxruntime / LiteRT raise their own types for a bad file
+        msg = f"cannot load {directory / info['file']}: {exc}"
+        raise ModelError(msg) from exc
+    model.use_backend(backend)
+    model.meta["export"] = info
+    return model
+
+
+def list_folder(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def score_paths(model: CellscanModel, paths: list[Path], batch: int = 16) -> list[dict[str, Any]]:
+    """One row per image (the service's answer fields); an unreadable image gets ``status: error``."""
+    version = model.meta.get("export", {}).get("source_version")
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(paths), batch):
+        good: list[tuple[int, np.ndarray]] = []
+        chunk = [{"image": str(p), "model_version": version} for p in paths[i : i + batch]]
+        for k, p in enumerate(paths[i : i + batch]):
+            try:
+                good.append((k, model.load(p)))
+            except CellscanError as exc:
+                chunk[k] |= {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        if good:
+            res = model.score_arrays(np.stack([x for _, x in good]))
+            for j, (k, _) in enumerate(good):
+                chunk[k] |= res.record(j) | {"status": "ok"}
+        rows.extend(chunk)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], out_csv: Path) -> None:
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api_key: str | None = None,
+                 chunk: int = 100, timeout: float = 30.0) -> int:
+    """POST the rows as JSON to ``url``, ``chunk`` rows a request; returns the number of requests sent.
+
+    Each body is ``{"source": "cellscan-edge", "host": ..., "model_version": ..., "runtime": "onnx",
+    "records": [<results.csv rows, with "time">]}``; ``api_key`` goes in the ``x-api-key`` header.
+
+    Raises:
+        CellscanError: a request failed or was answered with an error status.
+    """
+    import socket
+
+    sent = 0
+    stamp = time.time()
+    for i in range(0, len(rows), chunk):
+        body = {"source": "cellscan-edge", "host": socket.gethostname(), "model_version": info.get("source_version"),
+                "runtime": info.get("format"), "records": [r | {"time": stamp} for r in rows[i : i + chunk]]}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"} | ({"x-api-key": api_key} if api_key else {}))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (the operator's URL)
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            msg = f"posting results to {url}: HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
+            raise CellscanError(msg) from None
+        except (urllib.error.URLError, OSError) as exc:
+            msg = f"posting results to {url}: {exc}"
+            raise CellscanError(msg) from None
+        sent += 1
+    return sent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cellscan-edge score DIR --model EXPORT_DIR [--out results.csv] [--post URL]``."""
+    ap = argparse.ArgumentParser(prog="cellscan-edge", description="Score images with an exported cellscan model "
+                                 "(ONNX Runtime or LiteRT; no TensorFlow).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("score", help="Score every image of DIR (recursively) into results.csv.")
+    sc.add_argument("folder", type=Path, help="Folder of images.")
+    sc.add_argument("--model", "-m", type=Path, required=True, help="Export directory (cellscan export).")
+    sc.add_argument("--out", "-o", type=Path, default=Path("results.csv"), help="Results CSV (default results.csv).")
+    sc.add_argument("--post", metavar="URL", help="Also POST the results as JSON to URL (the service's prediction log).")
+    sc.add_argument("--api-key", default=None, help="x-api-key header for --post (default: $CELLSCAN_API_KEY).")
+    sc.add_argument("--threads", type=int, default=0, help="Runtime threads (0: its default).")
+    sc.add_argument("--batch", type=int, default=16, help="Images per model call.")
+    args = ap.parse_args(argv)
+    try:
+        if not args.folder.is_dir():
+            msg = f"folder does not exist: {args.folder}"
+            raise ConfigError(msg)
+        model = load_export(args.model, threads=args.threads)
+        paths = list_folder(args.folder)
+        t0 = time.perf_counter()
+        rows = score_paths(model, paths, max(1, args.batch))
+        seconds = time.perf_counter() - t0
+        write_csv(rows, args.out)
+        ok = [r for r in rows if r.get("status") == "ok"]
+        print(f"{len(rows)} images: {len(ok)} scored ({sum(bool(r['is_anomaly']) for r in ok)} anomalies), "
+              f"{len(rows) - len(ok)} failed -> {args.out} ({seconds:.2f} s)")
+        if args.post:
+            import os
+
+            key = args.api_key or os.environ.get("CELLSCAN_API_KEY")
+            n = post_results(args.post, rows, model.meta["export"], key)
+            print(f"posted {len(rows)} results to {args.post} in {n} request(s)")
+    except CellscanError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

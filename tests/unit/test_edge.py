@@ -1,0 +1,95 @@
+"""cellscan-edge: scores without TensorFlow, with the Keras model's verdicts, and posts its rows as JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cellscan.core.bundle import CellscanModel
+from cellscan.edge import list_folder, main
+from cellscan.mlops.export import export_model
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("tensorflow", "keras", "tf2onnx", "mlflow", "sklearn", "torch", "jax")
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained, model_dir: Path, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("edge") / "onnx"
+    export_model(CellscanModel.load_dir(model_dir), out, "onnx", data_root=dataset_dir)
+    return out
+
+
+def test_edge_scores_without_tensorflow_and_agrees_with_keras(onnx_export, model_dir, dataset_dir, tmp_path):
+    folder = dataset_dir / "test"
+    out_csv = tmp_path / "results.csv"
+    code = ("import json, sys\nfrom cellscan.edge import main\n"
+            f"rc = main(['score', {str(folder)!r}, '--model', {str(onnx_export)!r}, '--out', {str(out_csv)!r}])\n"
+            f"print(json.dumps({{'rc': rc, 'heavy': sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})}}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": 0, "heavy": []}
+
+    paths = list_folder(folder)
+    keras = CellscanModel.load_dir(model_dir).score_images(paths)
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["image"] for r in rows] == [str(p) for p in paths]
+    assert [r["is_anomaly"] == "True" for r in rows] == keras.is_anomaly.tolist()
+    assert max(abs(float(r["anomaly_score"]) - s) for r, s in zip(rows, keras.scores, strict=True)) < 1e-3
+    assert any(r["is_anomaly"] == "True" for r in rows) and all(r["status"] == "ok" for r in rows)
+
+
+class _Sink(BaseHTTPRequestHandler):
+    bodies: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        n = int(self.headers["content-length"])
+        _Sink.bodies.append(json.loads(self.rfile.read(n)) | {"key": self.headers.get("x-api-key")})
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+def test_edge_posts_results_and_reports_bad_images(onnx_export, dataset_dir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted((dataset_dir / "test" / "good").glob("*.png"))[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/log"
+    try:
+        rc = main(["score", str(folder), "--model", str(onnx_export), "--out", str(tmp_path / "r.csv"),
+                   "--post", url, "--api-key", "k"])
+    finally:
+        server.shutdown()
+    assert rc == 1  # one image could not be read
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    bad = [r for r in rows if r["status"] == "error"]
+    assert len(rows) == 4 and len(bad) == 1 and "broken.png" in bad[0]["image"] and "not an image" in bad[0]["error"]
+    (body,) = _Sink.bodies
+    assert body["source"] == "cellscan-edge" and body["runtime"] == "onnx" and body["key"] == "k"
+    ok = [r for r in body["records"] if r["status"] == "ok"]
+    assert len(body["records"]) == 4 and len(ok) == 3
+    assert {"image", "is_anomaly", "anomaly_score", "threshold", "model_version", "time"} <= set(ok[0])
+    assert "posted 4 results" in capsys.readouterr().out
+
+
+def test_edge_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    assert main(["score", str(tmp_path / "imgs"), "--model", str(tmp_path)]) == 1
+    assert "not a cellscan export" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Export to ONNX / TFLite with a real sqlite MLflow store: parity figures, refusals, artifacts, ONNX serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cellscan.core.bundle import CellscanModel, ScoreResult
+from cellscan.core.config import GateParams
+from cellscan.core.data import load_dataset
+from cellscan.core.images import load_batch
+from cellscan.edge import load_export
+from cellscan.errors import ConfigError, ParityError
+from cellscan.mlops import export, registry, tracking
+from cellscan.mlops.gate import decide
+from cellscan.settings import Settings
+
+
+def _result(scores: list[float], threshold: float = 1.0) -> ScoreResult:
+    n = len(scores)
+    return ScoreResult(np.array(scores, np.float32), np.zeros(n), np.zeros((n, 2, 2)), np.zeros((n, 2, 2, 1)), threshold)
+
+
+@pytest.mark.parametrize(("got", "quantize", "max_loss", "ok"), [
+    ([0.1, 0.2, 1.5, 2.0], None, 0.01, True),      # identical verdicts, tiny score drift
+    ([0.1, 1.2, 1.5, 2.0], None, 0.01, False),     # one normal crosses the threshold
+    ([0.1, 1.6, 1.5, 2.0], "int8", 0.01, False),   # AUROC 1.0 -> 0.75: loss 0.25
+    ([0.1, 1.6, 1.5, 2.0], "int8", 0.3, True),     # the same loss, allowed
+    ([0.1, 1.2, 1.5, 2.0], "fp16", 0.0, True),     # a verdict differs but the ranking (AUROC) is kept
+])
+def test_parity_report(got, quantize, max_loss, ok):
+    ref = _result([0.1, 0.2, 1.5, 2.0])
+    r = export.parity_report(ref, _result(got), np.array([0, 0, 1, 1]), ["a", "b", "c", "d"], quantize, max_loss)
+    assert r["ok"] is ok
+    assert r["verdicts_identical"] is (got[1] < 1.0)
+    assert r["max_score_diff"] == pytest.approx(max(abs(a - b) for a, b in zip(got, [0.1, 0.2, 1.5, 2.0])))
+    assert r["image_auroc_keras"] == 1.0
+
+
+def test_unknown_format_and_quantization_are_config_errors():
+    with pytest.raises(ConfigError, match="one of: onnx, tflite"):
+        export.export_name("coreml")
+    with pytest.raises(ConfigError, match="one of: fp16, int8"):
+        export.export_name("onnx", "int4")
+
+
+def test_runtime_setting_is_checked(tmp_path):
+    assert Settings.from_env(tmp_path, env={"CELLSCAN_RUNTIME": "ONNX"}).runtime == "onnx"
+    with pytest.raises(ConfigError, match="CELLSCAN_RUNTIME"):
+        Settings.from_env(tmp_path, env={"CELLSCAN_RUNTIME": "torch"})
+
+
+@pytest.fixture
+def project(tmp_path: Path, dataset_dir: Path) -> Path:
+    """A project folder whose data.root (data/cells) is the session's tiny dataset."""
+    home = tmp_path / "proj"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "cells").symlink_to(dataset_dir)
+    return home
+
+
+def _register(settings: Settings, model_dir: Path) -> int:
+    run = tracking.open_run(settings, "train")
+    version = tracking.log_and_register(settings, run, model_dir)
+    registry.apply_decision(settings, version, decide({"image_auroc": 0.9, "f1": 0.9}, None, GateParams()),
+                            None, None, run.name)
+    tracking.close_run(settings, run)
+    return version
+
+
+def _eval_images(model: CellscanModel, dataset_dir: Path) -> np.ndarray:
+    return load_batch([s.path for s in load_dataset(dataset_dir).evaluation], size=model.shape, channels=model.channels)
+
+
+def test_onnx_export_of_the_champion_is_logged_to_its_run(trained, model_dir, dataset_dir, project):
+    settings = Settings.from_env(project, env={})
+    version = _register(settings, model_dir)
+    r = export.export_version(settings, "champion", "onnx")
+    out = Path(r["out_dir"])
+    assert out == project / "exports" / f"v{version}-onnx"
+    assert r["ok"] and r["verdicts_identical"] and r["n_images"] == len(load_dataset(dataset_dir).evaluation)
+    assert r["max_score_diff"] < 1e-3 and r["max_abs_map_diff"] < 1e-3
+    assert json.loads((out / "parity.json").read_text())["max_score_diff"] == r["max_score_diff"]
+    names = {p.name for p in out.iterdir()}
+    assert {"export.json", "map_stats.npz", "meta.json", "model.onnx", "parity.json"} <= names
+    assert "model.keras" not in names and not any(n.startswith(".") for n in names)
+
+    mc = registry.client(settings)
+    mv = mc.get_model_version("cellscan", str(version))
+    logged = {Path(a.path).name for a in mc.list_artifacts(mv.run_id, "exports/onnx")}
+    assert {"model.onnx", "parity.json", "meta.json", "export.json"} <= logged
+    assert json.loads(mv.tags["cellscan.export.onnx"])["verdicts_identical"] is True
+
+    keras_model = CellscanModel.load_dir(model_dir)
+    x = _eval_images(keras_model, dataset_dir)
+    a, b = keras_model.score_arrays(x), load_export(out).score_arrays(x)
+    assert (a.is_anomaly == b.is_anomaly).all() and np.allclose(a.scores, b.scores, atol=1e-3)
+
+
+def test_tflite_export_of_a_directory(trained, model_dir, dataset_dir, tmp_path):
+    settings = Settings.from_env(tmp_path / "p", env={})
+    r = export.export_version(settings, str(model_dir), "tflite", out_dir=tmp_path / "lite", data_root=dataset_dir)
+    assert r["ok"] and r["verdicts_identical"] and r["version"] is None and "artifact_uri" not in r
+    assert r["max_score_diff"] < 1e-3
+    assert load_export(tmp_path / "lite").meta["export"]["format"] == "tflite"
+
+
+def test_quantized_export_is_judged_by_auroc_and_refused_beyond_the_allowed_loss(trained, model_dir, dataset_dir,
+                                                                                    tmp_path):
+    model = CellscanModel.load_dir(model_dir)
+    r = export.export_model(model, tmp_path / "q8", "onnx", "int8", data_root=dataset_dir, max_auroc_loss=1.0)
+    assert r["ok"] and np.isfinite(r["auroc_change"]) and r["quantize"] == "int8"
+    assert r["max_abs_recon_diff"] > 1e-6  # int8 really changes the network's output
+    # Requiring the AUROC to rise by 1.0 cannot be met: refused, nothing left at the target.
+    with pytest.raises(ParityError, match="onnx-int8 export refused: image AUROC"):
+        export.export_model(model, tmp_path / "q8b", "onnx", "int8", data_root=dataset_dir, max_auroc_loss=-1.0)
+    assert not (tmp_path / "q8b").exists()
+    assert json.loads((tmp_path / "q8b.refused.json").read_text())["ok"] is False
+
+
+def test_export_without_the_dataset_is_a_clear_error(trained, model_dir, tmp_path):
+    from cellscan.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="pass the dataset root"):
+        export.export_model(CellscanModel.load_dir(model_dir), tmp_path / "e", data_root=tmp_path / "nowhere")
+
+
+def test_holder_serves_through_onnx_and_reuses_the_logged_export(trained, model_dir, dataset_dir, project):
+    import shutil
+
+    from cellscan.serve.runtime import ModelHolder
+
+    settings = Settings.from_env(project, env={"CELLSCAN_RUNTIME": "onnx"})
+    version = _register(settings, model_dir)
+    holder = ModelHolder(settings, poll_seconds=0)
+    model, v = holder.current()
+    assert v == version and model.keras_model is None and model.meta["export"]["format"] == "onnx"
+    keras_model = CellscanModel.load_dir(model_dir)
+    x = _eval_images(keras_model, dataset_dir)
+    assert (model.score_arrays(x).is_anomaly == keras_model.score_arrays(x).is_anomaly).all()
+
+    # Another replica (no local export): it takes the one logged to the run instead of exporting again.
+    local = project / "exports" / f"v{version}-onnx"
+    created = json.loads((local / "export.json").read_text())["created"]
+    shutil.rmtree(local)
+    again, _ = ModelHolder(settings, poll_seconds=0).current()
+    assert again.meta["export"]["created"] == created and (local / "model.onnx").is_file()
+
+
+def test_cli_export(trained, model_dir, dataset_dir, tmp_path, monkeypatch):
+    from cellscan.cli import app
+
+    monkeypatch.setenv("CELLSCAN_HOME", str(tmp_path / "p"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res = CliRunner().invoke(app, ["export", str(model_dir), "--format", "onnx", "--data", str(dataset_dir),
+                                   "--out", str(tmp_path / "x"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["verdicts_identical"] is True
+    res = CliRunner().invoke(app, ["export", str(model_dir), "--format", "coreml"])
+    assert res.exit_code == 1 and "ConfigError" in res.output
