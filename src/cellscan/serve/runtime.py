@@ -2,7 +2,9 @@
 
 - :class:`ModelHolder` keeps the MLflow champion loaded and swaps in a new one when the alias moves
   (promotion, rollback), by polling and on demand. A request keeps the model object it started
-  with, so a swap never drops requests in flight.
+  with, so a swap never drops requests in flight. With ``CELLSCAN_RUNTIME=onnx`` (or ``tflite``)
+  the champion's networks run from its export (:func:`cellscan.mlops.export.serving_model`, made on
+  demand when missing) and the numpy scoring after them stays the same.
 - :class:`Batcher` gathers concurrent predictions for a few milliseconds and scores them in one
   model call (adaptive batching: the batch grows with the load).
 
@@ -58,10 +60,14 @@ class ModelHolder:
         if version is None or version == self._version:
             return self._version
         model, loaded = registry.load_model(version, self.settings)
+        if self.settings.runtime != "keras" and loaded is not None:
+            from cellscan.mlops.export import serving_model
+
+            model = serving_model(self.settings, model, loaded, self.settings.runtime)
         with self._lock:
             self._model, self._version = model, loaded
         self.last_error = None
-        logger.info("serving champion version %s", loaded)
+        logger.info("serving champion version %s (%s)", loaded, self.settings.runtime)
         return loaded
 
     def current(self) -> tuple[CellscanModel, int]:
