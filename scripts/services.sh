@@ -40,6 +40,12 @@ case "${1:-start}" in
     prefect work-pool inspect cellscan >/dev/null 2>&1 || prefect work-pool create cellscan --type process >/dev/null
     python -m flows.deploy --pool cellscan
     launch worker prefect worker start --pool cellscan
+    # Safe by default: without a configured key (and without CELLSCAN_OPEN=1) one is made, readable
+    # by its owner only, and the service reads it from the file.
+    if [ -z "${CELLSCAN_API_KEY:-}" ] && [ -z "${CELLSCAN_API_KEY_FILE:-}" ] && [ "${CELLSCAN_OPEN:-0}" != 1 ]; then
+      export CELLSCAN_API_KEY_FILE=$PWD/.cellscan/api_key
+      python -c 'import sys; from pathlib import Path; from cellscan.serve.guard import ensure_key_file; ensure_key_file(Path(sys.argv[1]))' "$CELLSCAN_API_KEY_FILE"
+    fi
     launch bentoml bentoml serve service.service:Cellscan --host 127.0.0.1 --port "$BENTO_PORT"
     wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90
     wait_http "http://127.0.0.1:$BENTO_PORT/readyz" 120
@@ -47,6 +53,11 @@ case "${1:-start}" in
     echo "Prefect UI:       http://127.0.0.1:$PREFECT_PORT  (deployments retrain/scheduled-retrain,"
     echo "                  retrain/service-retrain, evaluate-threshold/service-evaluate-threshold)"
     echo "cellscan service: http://127.0.0.1:$BENTO_PORT  (API docs: http://127.0.0.1:$BENTO_PORT/docs)"
+    if [ -n "${CELLSCAN_API_KEY_FILE:-}" ]; then
+      echo "API key:          in $CELLSCAN_API_KEY_FILE (mode 600); send it as -H \"x-api-key: \$(cat $CELLSCAN_API_KEY_FILE)\""
+    elif [ -z "${CELLSCAN_API_KEY:-}" ]; then
+      echo "WARNING:          CELLSCAN_OPEN=1: /retrain, /anomaly and /rollback are open to anyone on this machine"
+    fi
     echo "stop them with:   scripts/services.sh stop"
     ;;
   stop)

@@ -13,6 +13,7 @@ PREFECT_API_URL is set.
 import asyncio
 import base64
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic import Field
 REPO = Path(__file__).resolve().parent.parent  # where flows/ lives: the job processes run there
 ops = FastAPI(title="cellscan operations")
 _SERVICES: list[Any] = []
+NORMAL_NAMES = ("good", "normal", "ok", "train", "test", "temp", "validation", "ground_truth")
 
 
 @functools.cache
@@ -77,32 +79,62 @@ def health() -> dict[str, Any]:
             "pending_jobs": s.jobs.pending()}
 
 
-class ApiKeyMiddleware:
-    """Mutating routes need the X-API-Key header when an API key is configured (401 missing, 403 wrong).
+def _guard_policy() -> Any:
+    from cellscan.serve.guard import GuardPolicy
 
-    An ASGI middleware rather than a check in the endpoint, because BentoML replaces the message of
-    401/403 errors raised in endpoints with a generic one.
+    return GuardPolicy.from_settings(settings())
+
+
+class Guard:
+    """cellscan.serve.guard.Guard (Host, content type, body cap, cross-site, API key, one error shape).
+
+    An ASGI middleware rather than checks in the endpoints, because BentoML replaces the message of
+    401/403 errors raised in endpoints with a generic one, and reads bodies before any endpoint runs.
     """
 
-    PROTECTED = ("/retrain", "/anomaly", "/rollback")
-
     def __init__(self, app: Any) -> None:
-        self.app = app
+        from cellscan.serve.guard import Guard as _Guard, install_log_filter
+
+        install_log_filter()
+        self.guard = _Guard(app, _guard_policy)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        want = settings().api_key
-        if scope["type"] == "http" and want and scope["path"].rstrip("/") in self.PROTECTED:
-            from starlette.responses import JSONResponse
+        await self.guard(scope, receive, send)
 
-            headers = dict(scope.get("headers") or [])
-            got = headers.get(b"x-api-key")
-            if got is None:
-                resp = JSONResponse({"error": "missing API key: send it in the X-API-Key header"}, status_code=401)
-                return await resp(scope, receive, send)
-            if got.decode("latin-1") != want:
-                resp = JSONResponse({"error": "wrong API key (X-API-Key header)"}, status_code=403)
-                return await resp(scope, receive, send)
-        await self.app(scope, receive, send)
+
+def _files_only() -> None:
+    """Multipart forms as BentoML 1.4.39 parses them, made strict.
+
+    File fields take uploads only (BentoML would download a text value itself, around cellscan's URL
+    checks); long upload names are shortened (BentoML puts them in a temporary file name: a 500 past
+    255 bytes); unknown fields are refused instead of ignored.
+    """
+    from _bentoml_impl.serde import MultipartSerde  # BentoML 1.4.39
+
+    async def ensure_file(obj: Any) -> Any:
+        from starlette.datastructures import UploadFile
+
+        if not isinstance(obj, UploadFile):
+            raise BadRequest("file fields (image, images) take uploaded files only; send a URL as image_url in JSON")
+        name = Path(obj.filename or "image")
+        if len(name.name) > 100:
+            obj.filename = name.stem[:80] + name.suffix[:10]
+        return obj
+
+    original = MultipartSerde.parse_request
+
+    async def parse_request(self: Any, request: Any, cls: Any) -> Any:
+        unknown = sorted(set((await request.form()).keys()) - set(cls.model_fields))
+        if unknown:
+            msg = f"unknown form field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; expected some of {', '.join(cls.model_fields)}"
+            raise BadRequest(msg)
+        return await original(self, request, cls)
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    MultipartSerde.parse_request = parse_request
+
+
+_files_only()
 
 
 @bentoml.service(name="cellscan", traffic={"timeout": 3600, "max_concurrency": 256}, workers=1)
@@ -110,6 +142,15 @@ class ApiKeyMiddleware:
 class Cellscan:
     def __init__(self) -> None:
         self.settings = settings()  # first: it switches telemetry off before MLflow is imported
+        from cellscan.errors import ConfigError
+
+        if not self.settings.api_key and not self.settings.open_mode:
+            msg = ("no API key: set CELLSCAN_API_KEY or CELLSCAN_API_KEY_FILE (scripts/services.sh creates one), "
+                   "or CELLSCAN_OPEN=1 to let anyone who reaches the port change data and models")
+            raise ConfigError(msg)
+        if self.settings.open_mode and not self.settings.api_key:
+            logging.getLogger("cellscan.service").warning(
+                "CELLSCAN_OPEN=1: /retrain, /anomaly and /rollback are open to anyone who reaches this port")
         from cellscan.core.config import load_params
         from cellscan.serve.fetch import FetchPolicy
         from cellscan.serve.jobs import Jobs, make_runner
@@ -129,20 +170,27 @@ class Cellscan:
                                                  buckets=(1, 2, 4, 8, 16, 32, 64, float("inf")))
         self.m_rate = bentoml.metrics.Gauge("cellscan_anomaly_rate", "Share of anomalies in the last 1000 predictions")
         self._recent: list[bool] = []
+        self._decodes = asyncio.Semaphore(2)
+        self._intake = asyncio.Lock()
+        from cellscan.serve.intake import DatasetIndex
+
+        self.index = DatasetIndex(self.project / self.params.data.root, self.params.data.max_pixels)
         self.batcher = Batcher(self.holder, on_batch=self.m_batch.observe)
         _SERVICES[:] = [self]
 
     # -- helpers ----------------------------------------------------------------------------
-    def _bytes(self, image_url: str | None, image: Path | None) -> tuple[str, bytes]:
+    async def _bytes(self, image_url: str | None, image: Path | None) -> tuple[str, bytes]:
         from cellscan.errors import CellscanError
-        from cellscan.serve.fetch import fetch
+        from cellscan.serve.fetch import fetch_async
 
         if (image_url is None) == (image is None):
             raise BadRequest("send exactly one of image_url (JSON) or image (multipart upload)")
         try:
+            _SOURCE.set("upload" if image is not None else "url")
             if image is not None:
-                return image.name, image.read_bytes()
-            return image_url.rsplit("/", 1)[-1] or "image", fetch(image_url, self.policy)  # type: ignore[union-attr]
+                return image.name, await asyncio.to_thread(image.read_bytes)
+            data = await fetch_async(image_url, self.policy, self.settings.max_fetches)  # type: ignore[arg-type]
+            return image_url.rsplit("/", 1)[-1][:100] or "image", data  # type: ignore[union-attr]
         except CellscanError as exc:
             raise BadRequest(str(exc)) from None
 
@@ -152,7 +200,7 @@ class Cellscan:
 
         model, _ = self._model()
         try:
-            return model.load_pair(data, max_pixels=self.params.data.max_pixels)
+            return model.load_pair(data, max_pixels=min(self.params.data.max_pixels, self.settings.max_image_pixels))
         except CellscanError as exc:
             raise BadRequest(f"{name}: {exc}") from None
 
@@ -166,7 +214,8 @@ class Cellscan:
 
     async def _one(self, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
-        x, native = await asyncio.to_thread(self._decode, name, data)
+        async with self._decodes:  # a bounded number of decodes at once: each can take hundreds of MB
+            x, native = await asyncio.to_thread(self._decode, name, data)
         record, amap, version = await self.batcher.score(x)
         record["model_version"] = version
         if heatmap:  # at the size of the image sent
@@ -199,9 +248,15 @@ class Cellscan:
             items = [(u, None) for u in image_urls] + [(None, p) for p in images]
             if len(items) > 256:
                 raise BadRequest(f"a batch holds at most 256 images, got {len(items)}")
-            blobs = [await asyncio.to_thread(self._bytes, u, p) for u, p in items]
-            return list(await asyncio.gather(*(self._one(n, b, heatmap) for n, b in blobs)))
-        name, data = await asyncio.to_thread(self._bytes, image_url, image)
+
+            async def item(i: int, u: str | None, p: Path | None) -> dict[str, Any]:
+                try:
+                    return await self._one(*await self._bytes(u, p), heatmap)
+                except InvalidArgument as exc:  # the batch answers per item: this one's error and index
+                    return {"index": i, "error": str(exc), "code": "bad_request"}
+
+            return list(await asyncio.gather(*(item(i, u, p) for i, (u, p) in enumerate(items))))
+        name, data = await self._bytes(image_url, image)
         return await self._one(name, data, heatmap)
 
     async def _store_and_run(self, kind: str, role: str, image_url: str | None, image: Path | None, wait: bool,
@@ -209,22 +264,32 @@ class Cellscan:
         """Validate and store the image, queue a training job (another process), answer or wait for it."""
         from starlette.responses import JSONResponse
 
-        from cellscan.errors import BusyError
+        from cellscan.core.images import canonical_png
+        from cellscan.errors import BusyError, DatasetError
         from cellscan.mlops import steps
 
-        name, data = await asyncio.to_thread(self._bytes, image_url, image)
-        await asyncio.to_thread(self._decode, name, data)  # refuse what is not an image before storing anything
-        try:
-            job = self.jobs.reserve(kind)
-        except BusyError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=429,
-                                headers={"Retry-After": str(self.jobs.retry_after_s)})
-        try:
-            root = self.project / self.params.data.root
-            stored = await asyncio.to_thread(steps.add_images, root, role, [(name, data)], defect)
-        except BaseException:
-            self.jobs.discard(job)
-            raise
+        name, data = await self._bytes(image_url, image)
+        async with self._decodes:
+            await asyncio.to_thread(self._decode, name, data)  # refuse what is not an image before storing anything
+        async with self._intake:  # one check-and-store at a time: two copies sent together are one duplicate
+            digest = (await asyncio.to_thread(canonical_png, data, name=name))[1]
+            where = await asyncio.to_thread(self.index.find, digest)
+            if where is not None:
+                msg = f"{name}: the same image is already in the dataset: {where.relative_to(self.project)}"
+                return JSONResponse({"error": msg, "code": "duplicate_image"}, status_code=409)
+            try:
+                job = self.jobs.reserve(kind)
+            except BusyError as exc:
+                return JSONResponse({"error": str(exc), "code": "too_many_jobs"}, status_code=429,
+                                    headers={"Retry-After": str(self.jobs.retry_after_s)})
+            try:
+                stored = await asyncio.to_thread(steps.add_images, self.index.root, role, [(name, data)], defect)
+            except DatasetError as exc:
+                self.jobs.discard(job)
+                return JSONResponse({"error": str(exc), "code": "storage_error"}, status_code=507)
+            except BaseException:
+                self.jobs.discard(job)
+                raise
         self.jobs.start(job)
         head = {"job_id": job.id, "stored": [str(p.relative_to(self.project)) for p in stored]}
         if not wait:
@@ -256,6 +321,9 @@ class Cellscan:
         wait: bool = Field(True, description="wait for the re-evaluation (false: answer a job id at once)"),
     ) -> Any:
         """Store a known anomaly and re-evaluate errors and threshold (in another process): a new model version."""
+        if defect.lower() in NORMAL_NAMES:
+            msg = f"defect {defect!r} names the normal class; a defect type must not be one of {', '.join(NORMAL_NAMES)}"
+            raise BadRequest(msg)
         return await self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
 
     @bentoml.api(route="/rollback")
@@ -277,4 +345,4 @@ class Cellscan:
         self.holder.stop()
 
 
-Cellscan.add_asgi_middleware(ApiKeyMiddleware)
+Cellscan.add_asgi_middleware(Guard)

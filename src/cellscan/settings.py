@@ -27,6 +27,11 @@ CELLSCAN_MAX_PENDING_JOBS      trainings waiting or running before 429          
 CELLSCAN_JOB_TIMEOUT           seconds a waiting /retrain or /anomaly waits            3600
 CELLSCAN_RUNTIME               keras, or onnx / tflite: the service scores through     keras
                                the champion's export (made on demand when missing)
+CELLSCAN_ALLOWED_HOSTS         Host header names accepted besides localhost and the    none
+                               address connected to ("*": any)
+CELLSCAN_MAX_BODY_BYTES        largest multipart request body (JSON: 1 MiB)            64 MiB
+CELLSCAN_MAX_IMAGE_PIXELS      largest image the service decodes (width x height)      16,777,216
+CELLSCAN_MAX_FETCHES           URL fetches running at once                             8
 =============================  ======================================================  =========================
 """
 
@@ -114,6 +119,10 @@ class Settings:
     max_pending_jobs: int = 2
     job_timeout_s: float = 3600.0
     runtime: str = "keras"
+    allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_fetches: int = 8
 
     @classmethod
     def from_env(cls, root: Path | str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,4 +150,8 @@ class Settings:
             max_pending_jobs=int(_num(env, "CELLSCAN_MAX_PENDING_JOBS", 2, int)),
             job_timeout_s=_num(env, "CELLSCAN_JOB_TIMEOUT", 3600.0),
             runtime=_runtime(env),
+            allowed_hosts=tuple(h.strip() for h in env.get("CELLSCAN_ALLOWED_HOSTS", "").split(",") if h.strip()),
+            max_body_bytes=int(_num(env, "CELLSCAN_MAX_BODY_BYTES", 64 * 1024 * 1024, int)),
+            max_image_pixels=int(_num(env, "CELLSCAN_MAX_IMAGE_PIXELS", 4096 * 4096, int)),
+            max_fetches=int(_num(env, "CELLSCAN_MAX_FETCHES", 8, int)),
         )

@@ -34,9 +34,21 @@ def _free_port() -> int:
 
 
 class _Files(SimpleHTTPRequestHandler):
-    """Serves the project's files, plus /slow (answers after 10 s) and /huge.png (64 Mpixel PNG)."""
+    """Serves the project's files, plus /slow (answers after 10 s), /huge.png (64 Mpixel PNG) and
+    /fresh/K/<path> (that image rolled by K+1 columns: pixels not yet in the dataset)."""
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/fresh/"):
+            _, _, k, rel = self.path.split("/", 3)
+            arr = np.asarray(Image.open(Path(self.directory) / rel))
+            buf = io.BytesIO()
+            Image.fromarray(np.roll(arr, int(k) + 1, axis=1)).save(buf, format="PNG")
+            body = buf.getvalue()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/slow":
             time.sleep(10)
         if self.path == "/huge.png":
@@ -104,6 +116,11 @@ def _image(served, name: str = "test/void") -> str:
     return f"{served['files']}/{p.relative_to(served['project'] / 'data/cells')}"
 
 
+def _fresh(served, name: str, k: int) -> str:
+    """A URL of a new image (a dataset image rolled): /retrain and /anomaly refuse copies of stored ones."""
+    return _image(served, name).replace(served["files"], f"{served['files']}/fresh/{k}")
+
+
 def test_health_models_and_metrics(served):
     with _client(served) as c:
         assert c.get("/health").json()["model_version"] == 1
@@ -147,8 +164,8 @@ def _truncated_png() -> bytes:
         ("json", {"image_url": "{files}/huge.png"}, 400, "expected at most"),
         ("json", {"image_url": "file:///etc/passwd"}, 400, "file:// URLs are disabled"),
         ("json", {"image_url": "http://127.0.0.1:1/x.png"}, 400, "non-public address 127.0.0.1"),
-        ("json", {"image_url": "{files}/missing.png"}, 400, "HTTP 404"),
-        ("json", {"image_url": "{files}/slow"}, 400, "timed out"),
+        ("json", {"image_url": "{files}/missing.png"}, 400, "did not answer 200"),
+        ("json", {"image_url": "{files}/slow"}, 400, "took longer than 2 s"),
         ("json", {"image_url": "ftp://example.com/a.png"}, 400, "scheme 'ftp' is not allowed"),
         ("json", {}, 400, "send exactly one of image_url"),
         ("json", {"image_url": 5}, 400, "valid string"),
@@ -208,7 +225,7 @@ def test_retrain_jobs_anomaly_and_rollback(served):
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(
                 lambda u: c.post("/retrain", json={"image_url": u, "wait": False}).json(),
-                [_image(served, "train/good"), _image(served, "test/good")],
+                [_fresh(served, "train/good", 0), _fresh(served, "test/good", 0)],
             ))
         ids = [a["job_id"] for a in answers]
         assert len(set(ids)) == 2
@@ -217,7 +234,7 @@ def test_retrain_jobs_anomaly_and_rollback(served):
 
         # Past the limit (CELLSCAN_MAX_PENDING_JOBS, 2 by default): 429 with Retry-After, nothing stored.
         before = _pngs(served)
-        r = c.post("/retrain", json={"image_url": _image(served, "test/good"), "wait": False})
+        r = c.post("/retrain", json={"image_url": _fresh(served, "test/good", 1), "wait": False})
         assert r.status_code == 429, r.text
         assert "limit 2" in r.json()["error"] and int(r.headers["retry-after"]) > 0
         assert _pngs(served) == before
@@ -259,7 +276,7 @@ def test_retrain_jobs_anomaly_and_rollback(served):
         assert c.get("/health").json()["model_version"] == c.get("/models").json()["serving"]
 
         # A known anomaly (waiting for the job): errors and threshold re-evaluated into a new version.
-        r = c.post("/anomaly", json={"image_url": _image(served, "test/crack"), "defect": "crack"})
+        r = c.post("/anomaly", json={"image_url": _fresh(served, "test/crack", 0), "defect": "crack"})
         assert r.status_code == 200, r.text
         body = r.json()
         assert {"new_validation_error", "new_anomaly_error", "threshold", "version", "promoted", "reason"} <= set(body)
@@ -287,7 +304,7 @@ def test_failed_retrain_keeps_the_champion_serving(served):
         assert c.post("/predict", json={"image_url": _image(served)}).status_code == 200
 
         # A training process that dies: the job fails with a clear error, the champion keeps serving.
-        r = c.post("/retrain", json={"image_url": _image(served, "test/good"), "wait": False})
+        r = c.post("/retrain", json={"image_url": _fresh(served, "test/good", 2), "wait": False})
         assert r.status_code == 200, r.text
         job_id = r.json()["job_id"]
         os.killpg(_running_pid(c, [job_id]), 9)
@@ -369,7 +386,8 @@ def prefect_served(served):  # type: ignore[no-untyped-def]
 def test_with_a_prefect_server_jobs_are_runs_of_its_deployments(prefect_served):
     crack = sorted((prefect_served["project"] / "data/cells/test/crack").glob("*.png"))[0]
     with _client(prefect_served) as c:
-        r = c.post("/anomaly", files={"image": (crack.name, crack.read_bytes(), "image/png")},
+        new = np.roll(np.asarray(Image.open(crack)), 3, axis=0)  # not yet in the dataset (copies get 409)
+        r = c.post("/anomaly", files={"image": (crack.name, encode_png(new / 255.0), "image/png")},
                    data={"defect": "crack"})
         assert r.status_code == 200, r.text
         body = r.json()

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -41,8 +42,10 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         msg = f"{name}: image too large; expected at most {max_pixels} pixels"
         raise ImageError(msg) from None
     except UnidentifiedImageError:
-        head = data[:8].hex()
-        msg = f"{name}: not an image (first bytes {head}); expected one of {', '.join(SUPPORTED_FORMATS)}"
+        msg = f"{name}: not an image; expected one of {', '.join(SUPPORTED_FORMATS)}"
+        raise ImageError(msg) from None
+    except (ValueError, OSError, SyntaxError, struct.error, EOFError) as exc:  # e.g. a huge PNG text chunk
+        msg = f"{name}: corrupt or unsafe image header ({str(exc)[:120]})"
         raise ImageError(msg) from None
     if img.format not in SUPPORTED_FORMATS:
         msg = f"{name}: unsupported format {img.format}; expected one of {', '.join(SUPPORTED_FORMATS)}"
@@ -59,7 +62,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(msg)
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         msg = f"{name}: truncated or corrupt {img.format} data ({exc})"
         raise ImageError(msg) from None
     return img
@@ -69,12 +72,15 @@ def _to_float(img: Image.Image, channels: int) -> np.ndarray:
     """Convert a decoded image to float32 (H, W, C) in [0, 1]."""
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
         gray = np.clip(arr / top, 0.0, 1.0)
         out = gray[..., None]
     elif mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            msg = f"image has {int((~np.isfinite(arr)).sum())} non-finite pixels (inf or nan); expected finite values"
+            raise ImageError(msg)
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0.0 and hi <= 1.0:
             gray = arr
@@ -82,11 +88,11 @@ def _to_float(img: Image.Image, channels: int) -> np.ndarray:
             gray = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         out = gray[..., None]
     elif mode in ("1", "L"):
-        out = np.asarray(img.convert("L"), dtype=np.float64)[..., None] / 255.0
+        out = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / np.float32(255.0)
     else:
-        out = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+        out = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
     if channels == 1 and out.shape[-1] == 3:
-        out = (out @ np.array([0.299, 0.587, 0.114]))[..., None]
+        out = (out @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
     elif channels == 3 and out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     return out.astype(np.float32)
@@ -205,3 +211,33 @@ def encode_png(arr: np.ndarray, bit_depth: int = 8) -> bytes:
 def save_png(arr: np.ndarray, path: Path, bit_depth: int = 8) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_png(arr, bit_depth))
+
+
+def canonical_png(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """Re-encode an image from its decoded pixels, and a digest of those pixels.
+
+    What gets stored is this PNG, never the bytes sent: anything appended to or hidden in the
+    container (a ZIP behind a PNG, metadata chunks) is dropped. Grayscale stays 8-bit, 16-bit and
+    float grayscale become 16-bit, everything else RGB. The digest (SHA-256 of shape and pixels) is the
+    same for two encodings of the same pixels, so duplicates are found whatever the file format.
+
+    Raises:
+        ImageError: as :func:`decode_image`.
+    """
+    import hashlib
+
+    img = _open(data, name, max_pixels)
+    if img.mode.startswith("I") or img.mode == "F":
+        try:
+            pixels = to_uint(_to_float(img, 1)[..., 0], 16)
+        except ImageError as exc:
+            msg = f"{name}: {exc}"
+            raise ImageError(msg) from None
+    elif img.mode in ("1", "L", "LA"):
+        pixels = np.asarray(img.convert("L"))
+    else:
+        pixels = np.asarray(img.convert("RGB"))
+    digest = hashlib.sha256(repr((pixels.shape, str(pixels.dtype))).encode() + pixels.tobytes()).hexdigest()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue(), digest

@@ -167,29 +167,37 @@ def intake_temp(data_root: Path) -> list[Path]:
 def add_images(data_root: Path, role: str, files: list[tuple[str, bytes]], defect: str = "anomaly") -> list[Path]:
     """Store encoded images under a role's folder (``temp`` for new normals, ``anomaly`` for defects).
 
-    The bytes are kept as sent (16-bit stays 16-bit), under a unique name with the suffix of the
-    decoded format; each file is written to a temporary name first and renamed, so a crash never
-    leaves half a file and two requests never overwrite each other.
+    Each image is stored re-encoded from its decoded pixels as PNG (16-bit stays 16-bit), never as
+    the bytes sent, so nothing hidden in the container (a trailing archive) reaches the dataset; it
+    gets a unique name; each file is written to a temporary name first and renamed, so a crash or a
+    full disk never leaves half a file and two requests never overwrite each other.
+
+    Raises:
+        ImageError: an input is not a usable image.
+        DatasetError: the file cannot be written (disk full, permissions); nothing is left behind.
     """
-    import io
     import uuid
 
-    from PIL import Image
+    from cellscan.core.images import canonical_png
+    from cellscan.errors import DatasetError
 
-    suffixes = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
     ds = load_dataset(data_root)
     folder = data_root / folder_for(ds.layout, role, defect)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = []
     for name, data in files:
-        with Image.open(io.BytesIO(data)) as img:
-            suffix = suffixes.get(img.format or "", ".png")
+        png, _ = canonical_png(data, name=name)
         stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem)[:40] or "image"
-        target = folder / f"{stamp}_{uuid.uuid4().hex[:8]}_{stem}{suffix}"
+        target = folder / f"{stamp}_{uuid.uuid4().hex[:8]}_{stem}.png"
         tmp = folder / f".{target.name}.part"
-        tmp.write_bytes(data)
-        tmp.rename(target)
+        try:
+            tmp.write_bytes(png)
+            tmp.rename(target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            msg = f"cannot store {target.name} in {folder}: {exc.strerror or exc}"
+            raise DatasetError(msg) from None
         out.append(target)
     return out
 

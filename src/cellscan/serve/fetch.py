@@ -7,17 +7,22 @@ Rules (each refusal raises :class:`FetchError`, a 400 at the service):
 - the host's addresses must all be public: loopback, private, link-local, multicast, reserved and
   unspecified ranges are refused unless the host (or ``host:port``, or a CIDR) is allow-listed
 - redirects are followed by hand (at most 3), each hop checked again
-- connect/read timeouts and a maximum download size; the content is checked by decoding it, not
-  by its extension or Content-Type
+- the host is resolved once and the connection goes to the address checked (no DNS rebinding)
+- one total deadline for the whole fetch, a maximum download size, a cap on concurrent fetches;
+  the content is checked by decoding it, not by its extension or Content-Type; error messages
+  never quote what the remote answered
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -52,27 +57,38 @@ class FetchPolicy:
         return False
 
 
-def _check_host(url: str, policy: FetchPolicy) -> None:
-    parts = urlsplit(url)
-    host = parts.hostname
+def _split(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, or FetchError for what urllib cannot parse."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:  # a port out of range, a broken IPv6 literal
+        msg = f"image_url is not a valid URL ({exc}); expected http(s)://host[:port]/path"
+        raise FetchError(msg) from None
     if not host:
-        msg = f"image_url has no host: {url!r}; expected http(s)://host/path"
+        msg = "image_url has no host; expected http(s)://host/path"
         raise FetchError(msg)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme.lower(), host, port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+def _check_host(url: str, policy: FetchPolicy) -> str:
+    """Resolve the host once and check every address; the address to connect to (pinned: no second lookup)."""
+    _, host, port = _split(url)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        msg = f"image_url host {host!r} does not resolve"
+    except (socket.gaierror, UnicodeError, ValueError):
+        msg = f"image_url host {host[:100]!r} does not resolve"
         raise FetchError(msg) from None
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         public = ip.is_global and not (ip.is_multicast or ip.is_reserved)
         if not public and not policy._allowed(host, port, ip):
             msg = (
-                f"image_url host {host!r} resolves to non-public address {ip}; refused "
+                f"image_url host {host[:100]!r} resolves to non-public address {ip}; refused "
                 "(only public http(s) hosts are fetched unless allow-listed in CELLSCAN_URL_ALLOWLIST)"
             )
             raise FetchError(msg)
+    return str(infos[0][4][0]).split("%")[0]
 
 
 def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
@@ -92,19 +108,86 @@ def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
     return path.read_bytes()
 
 
-_clients: dict[float, httpx.Client] = {}
+_pool: ThreadPoolExecutor | None = None
 
 
-def _client(timeout: float) -> httpx.Client:
-    """A shared client per timeout: connections are pooled and kept alive between fetches."""
-    if timeout not in _clients:
-        _clients[timeout] = httpx.Client(timeout=timeout, follow_redirects=False,
-                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
-    return _clients[timeout]
+def _resolver() -> ThreadPoolExecutor:
+    """Name lookups run here, not in the default thread pool that decoding and uploads use."""
+    global _pool  # noqa: PLW0603
+    if _pool is None:
+        _pool = ThreadPoolExecutor(4, thread_name_prefix="cellscan-resolve")
+    return _pool
 
 
-def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
-    """Download an image URL under ``policy`` (default: the strictest); returns the raw bytes.
+def _pinned(url: str, ip: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The URL with the checked address in place of the host, the Host header and the TLS name."""
+    parts = urlsplit(url)
+    scheme, host, port = _split(url)
+    netloc = f"[{ip}]" if ":" in ip else ip
+    if parts.port:
+        netloc += f":{port}"
+    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    host_header = (f"[{host}]" if ":" in host else host) + (f":{port}" if parts.port else "")
+    return target, {"host": host_header}, ({"sni_hostname": host} if scheme == "https" else {})
+
+
+async def _get(url: str, policy: FetchPolicy, loop: asyncio.AbstractEventLoop) -> bytes:
+    for _ in range(policy.max_redirects + 1):
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:  # a broken IPv6 literal
+            msg = f"image_url is not a valid URL ({exc}); expected http(s)://host[:port]/path"
+            raise FetchError(msg) from None
+        if scheme == "file":
+            return _read_file_url(url, policy)
+        if scheme not in ("http", "https"):
+            msg = f"image_url scheme {scheme[:20] or '(none)'!r} is not allowed; expected http or https"
+            raise FetchError(msg)
+        ip = await loop.run_in_executor(_resolver(), _check_host, url, policy)
+        target, headers, ext = _pinned(url, ip)
+        try:
+            async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False) as client:
+                req = client.build_request("GET", target, headers=headers, extensions=ext)
+                resp = await client.send(req, stream=True)
+                try:
+                    if resp.is_redirect:
+                        url = urljoin(url, resp.headers.get("location", ""))
+                        continue
+                    if resp.status_code != 200:
+                        msg = "image_url did not answer 200 OK; expected an image"
+                        raise FetchError(msg)
+                    declared = int(resp.headers.get("content-length") or 0)
+                    if declared > policy.max_bytes:
+                        msg = f"image_url content is larger than the limit of {policy.max_bytes} bytes"
+                        raise FetchError(msg)
+                    chunks, total = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        total += len(chunk)
+                        if total > policy.max_bytes:
+                            msg = f"image_url content exceeds the limit of {policy.max_bytes} bytes"
+                            raise FetchError(msg)
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+                finally:
+                    await resp.aclose()
+        except FetchError:
+            raise
+        except (httpx.HTTPError, ssl.SSLError, OSError, ValueError) as exc:
+            msg = f"image_url could not be fetched ({type(exc).__name__})"
+            raise FetchError(msg) from None
+    msg = f"image_url redirected more than {policy.max_redirects} times"
+    raise FetchError(msg)
+
+
+_limits: dict[tuple[int, int], asyncio.Semaphore] = {}
+
+
+async def fetch_async(url: str, policy: FetchPolicy | None = None, max_concurrent: int = 8) -> bytes:
+    """Download an image URL under ``policy`` within one total deadline; returns the raw bytes.
+
+    The whole fetch (lookup, connect, redirects, every read) ends by ``policy.timeout_s``; the
+    connection goes to the address that passed the check (no second lookup to rebind); at most
+    ``max_concurrent`` fetches run at once in this event loop; errors never quote what was fetched.
 
     Raises:
         FetchError: the URL is refused, times out, answers an error status or is too large.
@@ -113,39 +196,22 @@ def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
     if not isinstance(url, str) or not url.strip():
         msg = "image_url must be a non-empty string"
         raise FetchError(msg)
-    for _ in range(policy.max_redirects + 1):
-        scheme = urlsplit(url).scheme.lower()
-        if scheme == "file":
-            return _read_file_url(url, policy)
-        if scheme not in ("http", "https"):
-            msg = f"image_url scheme {scheme or '(none)'!r} is not allowed; expected http or https"
-            raise FetchError(msg)
-        _check_host(url, policy)
+    if len(url) > 4096:
+        msg = f"image_url is {len(url)} characters long; the limit is 4096"
+        raise FetchError(msg)
+    loop = asyncio.get_running_loop()
+    key = (id(loop), max_concurrent)
+    if key not in _limits:
+        _limits[key] = asyncio.Semaphore(max_concurrent)
+    async with _limits[key]:
         try:
-            with _client(policy.timeout_s).stream("GET", url) as resp:
-                if resp.is_redirect:
-                    url = urljoin(url, resp.headers.get("location", ""))
-                    continue
-                if resp.status_code != 200:
-                    msg = f"image_url answered HTTP {resp.status_code}; expected 200: {url}"
-                    raise FetchError(msg)
-                declared = int(resp.headers.get("content-length") or 0)
-                if declared > policy.max_bytes:
-                    msg = f"image_url content is {declared} bytes; the limit is {policy.max_bytes}"
-                    raise FetchError(msg)
-                chunks, total = [], 0
-                for chunk in resp.iter_bytes():
-                    total += len(chunk)
-                    if total > policy.max_bytes:
-                        msg = f"image_url content exceeds the limit of {policy.max_bytes} bytes"
-                        raise FetchError(msg)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.TimeoutException:
-            msg = f"image_url timed out after {policy.timeout_s:g} s: {url}"
+            async with asyncio.timeout(policy.timeout_s):
+                return await _get(url, policy, loop)
+        except TimeoutError:
+            msg = f"image_url took longer than {policy.timeout_s:g} s in all (CELLSCAN_FETCH_TIMEOUT)"
             raise FetchError(msg) from None
-        except httpx.HTTPError as exc:
-            msg = f"image_url could not be fetched ({type(exc).__name__}): {url}"
-            raise FetchError(msg) from None
-    msg = f"image_url redirected more than {policy.max_redirects} times"
-    raise FetchError(msg)
+
+
+def fetch(url: str, policy: FetchPolicy | None = None) -> bytes:
+    """:func:`fetch_async` for synchronous callers (not from inside a running event loop)."""
+    return asyncio.run(fetch_async(url, policy))
