@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {
         "cellscan": ([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
                       "--host", "127.0.0.1", "--port", str(bport)], f"http://127.0.0.1:{bport}",
-                     env | {"CELLSCAN_URL_ALLOWLIST": f"127.0.0.1:{fport}"}),
+                     env | {"CELLSCAN_URL_ALLOWLIST": f"127.0.0.1:{fport}", "CELLSCAN_OPEN": "1"}),
         "flask": ([sys.executable, str(HERE / "flask_baseline.py"), str(model_dir), str(fl_port)],
                   f"http://127.0.0.1:{fl_port}", env),
     }
