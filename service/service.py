@@ -12,6 +12,7 @@ PREFECT_API_URL is set.
 
 import asyncio
 import base64
+import contextvars
 import functools
 import logging
 import os
@@ -30,6 +31,9 @@ from pydantic import Field
 REPO = Path(__file__).resolve().parent.parent  # where flows/ lives: the job processes run there
 ops = FastAPI(title="cellscan operations")
 _SERVICES: list[Any] = []
+# For the prediction log: where the bytes came from ("upload", "url"), and the request (a batch) they belong to.
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("cellscan_source", default="upload")
+_BATCH: contextvars.ContextVar[str | None] = contextvars.ContextVar("cellscan_batch", default=None)
 NORMAL_NAMES = ("good", "normal", "ok", "train", "test", "temp", "validation", "ground_truth")
 
 
@@ -77,6 +81,51 @@ def health() -> dict[str, Any]:
     return {"status": "ok" if s.holder.version else "no_model", "model_version": s.holder.version,
             "model_name": s.settings.model_name, "last_error": s.holder.last_error,
             "pending_jobs": s.jobs.pending()}
+
+
+def _report_file(name: str) -> Path:
+    path = settings().monitor_dir / "reports" / name
+    if not path.is_file():
+        raise HTTPException(404, "no drift report yet: the monitor flow (flows/monitor.py) writes one per interval")
+    return path
+
+
+@ops.get("/monitoring/report")
+def monitoring_report() -> Any:
+    """The latest Evidently drift report (HTML), written by the monitor flow."""
+    from starlette.responses import FileResponse
+
+    return FileResponse(_report_file("latest.html"), media_type="text/html")
+
+
+@ops.get("/monitoring/report.json")
+def monitoring_report_json() -> Any:
+    """The latest drift report as JSON: summary (drift, drifted columns, anomaly rate), batches, days, Evidently's."""
+    from starlette.responses import FileResponse
+
+    return FileResponse(_report_file("latest.json"), media_type="application/json")
+
+
+@ops.get("/monitoring/batches")
+def monitoring_batches(days: int = 7) -> dict[str, Any]:
+    """Per-request batch and per-day metrics from the prediction log (process time, time per prediction, ...)."""
+    import time as _time
+
+    from cellscan.mlops.monitor.batches import batch_metrics
+    from cellscan.mlops.monitor.predlog import PredictionLog
+
+    df = PredictionLog.from_settings(settings()).frame(since=_time.time() - 86400 * max(1, min(days, 366)))
+    return {"batches": batch_metrics(df)[-100:], "days": batch_metrics(df, "day")}
+
+
+@ops.get("/monitoring/metrics")
+def monitoring_metrics() -> Any:
+    """Per-day metrics of the prediction log as Prometheus text (BentoML's /metrics has the live counters)."""
+    from starlette.responses import PlainTextResponse
+
+    from cellscan.mlops.monitor.batches import prometheus_text
+
+    return PlainTextResponse(prometheus_text(monitoring_batches(2)["days"], "day"))
 
 
 def _guard_policy() -> Any:
@@ -175,7 +224,13 @@ class Cellscan:
         from cellscan.serve.intake import DatasetIndex
 
         self.index = DatasetIndex(self.project / self.params.data.root, self.params.data.max_pixels)
-        self.batcher = Batcher(self.holder, on_batch=self.m_batch.observe)
+        from cellscan.mlops.monitor.descriptors import embed
+        from cellscan.mlops.monitor.predlog import LogWriter, PredictionLog
+
+        # The prediction log: written by a background thread after the answer is computed.
+        self.plog = LogWriter(PredictionLog.from_settings(self.settings)) if self.settings.prediction_log else None
+        self.batcher = Batcher(self.holder, on_batch=self.m_batch.observe,
+                               embed=(lambda res: embed(res.recon, res.maps)) if self.plog else None)
         _SERVICES[:] = [self]
 
     # -- helpers ----------------------------------------------------------------------------
@@ -217,6 +272,7 @@ class Cellscan:
         async with self._decodes:  # a bounded number of decodes at once: each can take hundreds of MB
             x, native = await asyncio.to_thread(self._decode, name, data)
         record, amap, version = await self.batcher.score(x)
+        emb = record.pop("_embedding", None)
         record["model_version"] = version
         if heatmap:  # at the size of the image sent
             from cellscan.core.plots import overlay_png
@@ -228,6 +284,11 @@ class Cellscan:
         self.m_pred.labels(result="anomaly" if record["is_anomaly"] else "normal").inc()
         self._recent = [*self._recent[-999:], record["is_anomaly"]]
         self.m_rate.set(sum(self._recent) / len(self._recent))
+        if self.plog is not None:  # queued: descriptors and the insert happen in the log's thread
+            from cellscan.mlops.monitor.predlog import Item
+
+            self.plog.submit(Item(x, data, record, emb, _SOURCE.get(), name, version, time.perf_counter() - t0,
+                                  _BATCH.get()))
         return record
 
     # -- endpoints --------------------------------------------------------------------------
@@ -241,6 +302,9 @@ class Cellscan:
         heatmap: bool = Field(False, description="add a base64 PNG heatmap overlay per image"),
     ) -> Any:
         """Score one image (answer: an object) or a batch (answer: a list)."""
+        import uuid
+
+        _BATCH.set(f"req-{uuid.uuid4().hex[:12]}")  # one request, one batch in the prediction log's metrics
         self._model()
         if image_urls or images:
             if image_url is not None or image is not None:
@@ -343,6 +407,8 @@ class Cellscan:
     def _shutdown(self) -> None:
         self.jobs.close()
         self.holder.stop()
+        if self.plog is not None:
+            self.plog.close()
 
 
 Cellscan.add_asgi_middleware(Guard)

@@ -473,7 +473,8 @@ def client_predict(
         raise DatasetError(msg)
     s = predict_folder(folder, url, out_csv, events, workers=workers, api_key=api_key)
     out.print(f"{s.images} images: {s.ok} scored ({s.anomalies} anomalies), {s.failed} failed -> {out_csv}")
-    out.print(f"process time {s.seconds:.2f} s, {1000 * s.per_prediction:.1f} ms per prediction")
+    out.print(f"process time {s.seconds:.2f} s, {1000 * s.per_prediction:.1f} ms per prediction "
+              f"(metrics.json, metrics.prom beside {out_csv.name})")
     if s.failed:
         raise typer.Exit(1)
 

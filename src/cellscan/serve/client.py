@@ -2,7 +2,9 @@
 
 Each image is uploaded to ``/predict`` with up to 3 tries (backoff 0.5 s, 1 s) on connection
 errors and 5xx/429 answers; other 4xx answers are final (the image is bad, retrying won't help).
-Results go to ``results.csv``, every attempt to an events log (JSON lines).
+Results go to ``results.csv``, every attempt to an events log (JSON lines), and the batch's metrics
+(process time, time per prediction, mean score, anomaly rate, count per verdict) to ``metrics.json`` and
+``metrics.prom`` (Prometheus text) next to ``results.csv``.
 """
 
 from __future__ import annotations
@@ -83,5 +85,8 @@ def predict_folder(
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    from cellscan.mlops.monitor.batches import summarise, write_metrics
+
+    write_metrics(out_csv.parent, summarise(rows, seconds, f"client-{time.strftime('%Y%m%dT%H%M%S')}"))
     ok = [r for r in rows if r.get("status") == "ok"]
     return BatchSummary(len(rows), len(ok), len(rows) - len(ok), sum(bool(r.get("is_anomaly")) for r in ok), seconds)

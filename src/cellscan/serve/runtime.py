@@ -96,11 +96,13 @@ class Batcher:
     """Adaptive batching: one model call for the requests that arrive within ``max_latency_ms``."""
 
     def __init__(self, holder: ModelHolder, max_batch: int = 32, max_latency_ms: float = 5.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 embed: Callable[[Any], np.ndarray] | None = None) -> None:
         self.holder = holder
         self.max_batch = max_batch
         self.max_latency = max_latency_ms / 1000
         self.on_batch = on_batch
+        self.embed = embed  # ScoreResult -> (N, D): each record gets its row as "_embedding" (prediction log)
         self._queue: asyncio.Queue[_Item] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._task: asyncio.Task[None] | None = None
@@ -143,4 +145,6 @@ class Batcher:
         res = model.score_arrays(np.stack(xs))
         if self.on_batch:
             self.on_batch(len(xs))
-        return [(res.record(i), res.maps[i], version) for i in range(len(xs))]
+        emb = self.embed(res) if self.embed is not None else None
+        records = [res.record(i) | ({} if emb is None else {"_embedding": emb[i]}) for i in range(len(xs))]
+        return [(records[i], res.maps[i], version) for i in range(len(xs))]
