@@ -18,7 +18,8 @@ running() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; 
 launch() { # name, command...
   local name=$1; shift
   if running "$name"; then return 0; fi
-  setsid nohup "$@" >"$dir/$name.log" 2>&1 &
+  # output through a size-rotating log (10 MiB x 5 kept: runs/services/NAME.log, .log.1, ...)
+  setsid nohup bash -c '"$@" 2>&1 | python -m cellscan.serve.logpipe "$0"' "$dir/$name.log" "$@" >/dev/null 2>&1 &
   echo $! >"$dir/$name.pid"
 }
 wait_http() { # url, seconds

@@ -1,0 +1,53 @@
+"""The service's guard policy, the API key file and the rotating log pipe (no server needed)."""
+
+from __future__ import annotations
+
+import io
+import stat
+from pathlib import Path
+
+import pytest
+
+from cellscan.serve.guard import GuardPolicy, ensure_key_file
+from cellscan.serve.logpipe import pipe
+
+
+@pytest.mark.parametrize(
+    ("host", "local", "extra", "ok"),
+    [
+        ("127.0.0.1:3000", "127.0.0.1", (), True),  # the usual
+        ("localhost", None, (), True),  # no port
+        ("[::1]:3000", "::1", (), True),  # IPv6 loopback
+        ("10.0.0.5:3000", "10.0.0.5", (), True),  # the address the client connected to
+        ("evil.example:3000", "127.0.0.1", (), False),  # a rebinding name
+        ("localhost.evil.example", "127.0.0.1", (), False),  # a suffix is not the name
+        ("", "127.0.0.1", (), False),  # no Host header
+        ("service:3000", "172.18.0.4", ("service",), True),  # allow-listed name
+        ("anything", None, ("*",), True),  # explicitly any
+    ],
+)
+def test_host_allow_list(host, local, extra, ok):
+    assert GuardPolicy(allowed_hosts=extra).host_allowed(host, local) is ok
+
+
+def test_key_compare():
+    p = GuardPolicy(api_key="s3cret")
+    assert p.key_ok(b"s3cret")
+    assert not p.key_ok(b"s3cre") and not p.key_ok(None) and not p.key_ok(b"")
+    assert not GuardPolicy().key_ok(b"")  # no key configured: nothing matches
+
+
+def test_key_file_is_created_once_owner_only(tmp_path: Path):
+    path = tmp_path / ".cellscan" / "api_key"
+    assert ensure_key_file(path) is True
+    key = path.read_text().strip()
+    assert len(key) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_key_file(path) is False and path.read_text().strip() == key
+
+
+def test_log_pipe_rotates_by_size(tmp_path: Path):
+    log = tmp_path / "svc.log"
+    pipe(io.BytesIO(b"".join(b"line %03d\n" % i for i in range(100))), log, max_bytes=200, keep=2)
+    assert log.read_bytes().endswith(b"line 099\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["svc.log", "svc.log.1", "svc.log.2"]
+    assert all(p.stat().st_size <= 200 for p in tmp_path.iterdir())
