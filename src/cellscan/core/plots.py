@@ -69,12 +69,16 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None = None,
 
     if amap.shape[:2] != image.shape[:2]:
         amap = resize(amap[..., None].astype(np.float32), image.shape[:2])[..., 0]
-    gray = image[..., 0] if image.shape[-1] == 1 else image.mean(axis=-1)
-    base = np.repeat(gray[..., None], 3, axis=-1)
     lo = float(np.min(amap))
     hi = max(float(np.max(amap)), (threshold or 0.0) * 2, lo + 1e-6)
-    heat = _jet((amap - lo) / (hi - lo))
-    return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
+    out = np.empty((*image.shape[:2], 3), np.uint8)
+    step = max(1, (1 << 20) // max(1, image.shape[1]))  # about a million pixels at a time: bounded memory
+    for r in range(0, image.shape[0], step):
+        block = image[r:r + step]
+        gray = (block[..., 0] if block.shape[-1] == 1 else block.mean(axis=-1))[..., None]
+        heat = _jet((amap[r:r + step] - lo) / (hi - lo))
+        out[r:r + step] = (np.clip((1 - alpha) * gray + alpha * heat, 0, 1) * 255).astype(np.uint8)
+    return out
 
 
 def overlay_png(image: np.ndarray, amap: np.ndarray, threshold: float | None = None) -> bytes:
