@@ -7,7 +7,10 @@
   there are none), then gate;
 - ``retrain/service-retrain`` and ``evaluate-threshold/service-evaluate-threshold``: no schedule;
   the service starts a run of them for each /retrain and /anomaly when PREFECT_API_URL is set
-  (cellscan.serve.jobs), so trainings run in the worker, never in the service.
+  (cellscan.serve.jobs), so trainings run in the worker, never in the service;
+- ``monitor/scheduled-monitor``: every ``monitor.interval_minutes``, the drift report (flows/monitor.py);
+- ``retrain/drift-retrain``: no schedule; an event trigger starts it on ``cellscan.drift.detected`` or
+  ``cellscan.anomaly-rate.jump`` (the monitor emits at most one per ``monitor.cooldown_minutes``).
 
 Needs PREFECT_API_URL pointing at a real ``prefect server`` and a worker on the pool.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 from prefect import flow
 
 from cellscan.core.config import load_params
+from cellscan.mlops.monitor.check import DRIFT_EVENT, RATE_EVENT
 from cellscan.serve.jobs import EVALUATE_DEPLOYMENT, RETRAIN_DEPLOYMENT
 from cellscan.settings import setup_offline
 
@@ -30,12 +35,15 @@ SERVICE_JOB_VARIABLES = {"env": {"PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}}
 
 
 def _deploy(entrypoint: str, name: str, pool: str, parameters: dict[str, Any], description: str,
-            cron: str | None = None, job_variables: dict[str, Any] | None = None) -> str:
+            cron: str | None = None, job_variables: dict[str, Any] | None = None,
+            interval: timedelta | None = None, triggers: list[Any] | None = None) -> str:
     remote = flow.from_source(source=str(REPO), entrypoint=entrypoint)
     dep_id = remote.deploy(  # type: ignore[attr-defined]
         name=name,
         work_pool_name=pool,
         cron=cron,
+        interval=interval,
+        triggers=triggers,
         parameters=parameters,
         job_variables=job_variables,
         description=description,
@@ -47,10 +55,17 @@ def _deploy(entrypoint: str, name: str, pool: str, parameters: dict[str, Any], d
 
 def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "scheduled-retrain",
            project: Path | str = REPO) -> dict[str, str]:
-    """Create or update the three deployments on ``pool``; returns their ids by full name."""
+    """Create or update the deployments on ``pool``; returns their ids by full name."""
+    from prefect.events import DeploymentEventTrigger
+
     setup_offline()
     project = str(Path(project).resolve())
-    cron = cron or load_params(Path(project) / "params.yaml").retrain.cron
+    params = load_params(Path(project) / "params.yaml")
+    cron = cron or params.retrain.cron
+    every = timedelta(minutes=params.monitor.interval_minutes)
+    on_drift = DeploymentEventTrigger(
+        name="retrain-on-drift", expect={DRIFT_EVENT, RATE_EVENT}, match={"prefect.resource.id": "cellscan.model.*"},
+        parameters={"project": project, "require_new_images": False})
     ids = {
         f"retrain/{name}": _deploy(
             "flows/retrain.py:retrain_flow", name, pool, {"project": project, "require_new_images": True},
@@ -63,9 +78,18 @@ def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "schedul
             "flows/evaluate_threshold.py:evaluate_threshold_flow", EVALUATE_DEPLOYMENT, pool, {"project": project},
             "Started by the service's /anomaly: re-evaluate errors and threshold into a new version.",
             job_variables=SERVICE_JOB_VARIABLES),
+        "monitor/scheduled-monitor": _deploy(
+            "flows/monitor.py:monitor_flow", "scheduled-monitor", pool, {"project": project},
+            "Drift report on the champion's newest predictions; events on drift or an anomaly-rate jump.",
+            interval=every),
+        "retrain/drift-retrain": _deploy(
+            "flows/retrain.py:retrain_flow", "drift-retrain", pool, {"project": project},
+            "Started by the monitor's drift / anomaly-rate events (event trigger; cooldown in the monitor).",
+            triggers=[on_drift]),
     }
     for full, dep_id in ids.items():
-        print(f"deployment {full} on pool {pool!r}{f', schedule {cron!r}' if full.endswith(name) else ''}: {dep_id}")
+        when = f", schedule {cron!r}" if full.endswith(name) else f", every {every}" if "monitor" in full else ""
+        print(f"deployment {full} on pool {pool!r}{when}: {dep_id}")
     return ids
 
 

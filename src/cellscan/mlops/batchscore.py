@@ -1,0 +1,113 @@
+"""Score a folder with a registered model: results.csv, batch metrics, an HTML summary with the flagged
+images' heatmaps, and every prediction in the prediction log (source ``batch``).
+
+Output folder::
+
+    results.csv        image, status, is_anomaly, anomaly_score, reconstruction_error, threshold, model_version
+    metrics.json       the batch's metrics (process time, time per prediction, mean score, anomaly rate, counts)
+    metrics.prom       the same as Prometheus text
+    summary.html       counts and a table of the flagged images with their heatmaps (inline PNG)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellscan.core.data import list_images
+from cellscan.errors import CellscanError, DatasetError
+from cellscan.mlops import registry
+from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
+from cellscan.mlops.monitor.descriptors import embed
+from cellscan.mlops.monitor.predlog import Item, PredictionLog
+from cellscan.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
+          "error"]
+
+
+def folder_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        msg = f"folder does not exist: {folder}"
+        raise DatasetError(msg)
+    return sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
+
+
+def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str = "champion",
+                 chunk: int = 32, log: bool = True, max_heatmaps: int = 50) -> dict[str, Any]:
+    """Score every image under ``folder`` with ``ref``; write the output folder; returns the batch metrics."""
+    from cellscan.core.plots import overlay_png
+
+    model, version = registry.load_model(ref, settings)
+    paths = folder_images(folder)
+    plog = PredictionLog.from_settings(settings) if log and settings.prediction_log else None
+    batch_id = f"batch-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    rows: list[dict[str, Any]] = []
+    flagged: list[tuple[Path, bytes, dict[str, Any]]] = []
+    items: list[Item] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), chunk):
+        part, xs, natives, blobs = [], [], [], []
+        for p in paths[i : i + chunk]:
+            try:
+                data = p.read_bytes()
+                x, native = model.load_pair(data)
+            except (CellscanError, OSError) as exc:
+                rows.append({"image": str(p), "status": "error", "error": str(exc)})
+                continue
+            part.append(p)
+            xs.append(x)
+            natives.append(native)
+            blobs.append(data)
+        if not part:
+            continue
+        t1 = time.perf_counter()
+        res = model.score_arrays(np.stack(xs))
+        emb = embed(res.recon, res.maps)
+        each = (time.perf_counter() - t1) / len(part)
+        for j, p in enumerate(part):
+            rec = res.record(j)
+            rows.append({"image": str(p), "status": "ok", **rec, "model_version": version})
+            items.append(Item(xs[j], blobs[j], rec, emb[j], "batch", p.name, version, each, batch_id))
+            if rec["is_anomaly"] and len(flagged) < max_heatmaps:
+                flagged.append((p, overlay_png(natives[j], res.maps[j], rec["threshold"]), rec))
+    seconds = time.perf_counter() - t0
+    if plog is not None:
+        plog.write(items)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    metrics = summarise(rows, seconds, batch_id)
+    write_metrics(out_dir, metrics)
+    (out_dir / "summary.html").write_text(summary_html(folder, version, metrics, flagged))
+    logger.info("scored %d images of %s with version %s: %d anomalies", len(rows), folder, version, metrics["anomaly"])
+    return metrics | {"model_version": version, "out_dir": str(out_dir), "errors": metrics["failed"]}
+
+
+def summary_html(folder: Path, version: int | None, m: dict[str, Any], flagged: list[tuple[Path, bytes, dict[str, Any]]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(p))}</td><td>{r['anomaly_score']:.4g}</td>"
+        f"<td><img width=256 src='data:image/png;base64,{base64.b64encode(png).decode()}'></td></tr>"
+        for p, png, r in flagged)
+    facts = "".join(f"<li>{k}: {v:.4g}</li>" if isinstance(v, float) else f"<li>{k}: {html.escape(str(v))}</li>"
+                    for k, v in m.items())
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>cellscan batch {html.escape(m['key'])}</title>"
+            f"</head><body><h1>{html.escape(str(folder))}: model version {version}</h1><ul>{facts}</ul>"
+            f"<h2>Flagged images ({m['anomaly']})</h2><table border=1><tr><th>image</th><th>anomaly_score</th>"
+            f"<th>heatmap</th></tr>{rows}</table></body></html>")
+
+
+__all__ = ["score_folder", "summarise", "write_metrics", "batch_metrics"]

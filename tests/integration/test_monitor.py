@@ -1,0 +1,104 @@
+"""Monitoring with real components: a trained champion (sqlite MLflow), its reference, the prediction log
+filled by batch scoring, real Evidently reports, and the monitor flow in Prefect's test harness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellscan.core.images import load_image, save_png
+from cellscan.core.synth import generate
+from cellscan.mlops import batchscore
+from cellscan.mlops.monitor import check as monitor
+from cellscan.mlops.monitor.predlog import PredictionLog
+from cellscan.mlops.monitor.reference import load_reference
+from cellscan.settings import Settings
+from tests.integration.conftest import make_project
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory, prefect_harness):  # type: ignore[no-untyped-def]
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = make_project(tmp_path_factory.mktemp("mon") / "proj", **{"synth.n_test_good": 30})
+    from flows.training import train_flow
+
+    out = train_flow(project=str(root))
+    assert out["version"] == 1
+    return root
+
+
+# Seeds of the normal stream: the tiny 3-epoch model's scores are noisy and the reference is 30 images, so
+# a K-S test at p < 0.01 flags about one seed in a hundred by chance (seed 101 is one: p = 0.008); 404 is not.
+def _stream(folder: Path, seed: int, n: int = 40, shift: float = 0.0, blur: bool = False) -> Path:
+    """``n`` normal synthetic slices (another seed than the training set), optionally brighter / blurred."""
+    tmp = folder.parent / f".{folder.name}-raw"
+    generate(tmp, size=48, n_train=2, n_test_good=n, n_per_defect=0, seed=seed)
+    folder.mkdir(parents=True)
+    for p in sorted((tmp / "test" / "good").glob("*.png")):
+        x = load_image(p)[..., 0]
+        if blur:
+            x = sum(np.roll(x, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+        save_png(np.clip(x + shift, 0, 1), folder / p.name, 16)
+    shutil.rmtree(tmp)
+    return folder
+
+
+def test_normal_stream_no_drift_then_shifted_stream_drifts_once_per_cooldown(trained_project, tmp_path):
+    root = trained_project
+    settings = Settings.from_env(root)
+    params = __import__("cellscan.core.config", fromlist=["load_params"]).load_params(root / "params.yaml")
+    params = params.with_overrides({"monitor.window": 40, "monitor.min_samples": 20})
+
+    ref = load_reference(settings, 1)  # logged at registration: the 30 validation normals
+    assert len(ref) == 30 and {"mean", "sharpness", "emb_7", "score", "is_anomaly"} <= set(ref.columns)
+
+    m = batchscore.score_folder(settings, _stream(tmp_path / "normal", seed=404), tmp_path / "out-normal")
+    assert m["images"] == 40 and (tmp_path / "out-normal" / "results.csv").is_file()
+    assert {"process_seconds", "ms_per_prediction", "mean_score", "anomaly_rate"} <= set(
+        json.loads((tmp_path / "out-normal" / "metrics.json").read_text()))
+    assert "cellscan_batch_anomaly_rate" in (tmp_path / "out-normal" / "metrics.prom").read_text()
+    assert PredictionLog.from_settings(settings).count() == 40
+
+    out = monitor.check(settings, params)
+    print(monitor.summary_line(out))
+    assert out["status"] == "no drift" and out["events"] == [] and out["drifted"] == []
+    latest = settings.monitor_dir / "reports" / "latest.json"
+    assert json.loads(latest.read_text())["summary"]["drift"] is False
+
+    batchscore.score_folder(settings, _stream(tmp_path / "shifted", seed=202, shift=0.2, blur=True),
+                            tmp_path / "out-shifted")
+    out = monitor.check(settings, params)
+    print(monitor.summary_line(out))
+    assert out["drift"] and [e["event"] for e in out["events"]] == [monitor.DRIFT_EVENT]
+    assert {"mean", "sharpness"} <= set(out["drifted"])
+    body = json.loads(latest.read_text())
+    assert body["summary"]["drifted"] == out["drifted"] and body["batches"] and body["days"]
+    assert (settings.monitor_dir / "reports" / "latest.html").stat().st_size > 10_000
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["monitoring"])
+    assert len(runs) == 2 and set(runs["tags.model_version"]) == {"1"}
+    assert sorted(runs["tags.drift"]) == ["false", "true"]
+
+    # A second drift inside the cooldown: reported, but no event (no second retrain).
+    again = monitor.check(settings, params)
+    assert again["drift"] and again["events"] == [] and monitor.DRIFT_EVENT in again["suppressed"]
+
+
+def test_monitor_flow_emits_the_drift_event(trained_project, tmp_path):
+    from flows.monitor import monitor_flow
+
+    root = trained_project
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace(
+        "cooldown_minutes: 360", "cooldown_minutes: 0"))
+    out = monitor_flow(project=str(root))
+    assert out["drift"] and out["event_ids"] and out["event_ids"][0]
