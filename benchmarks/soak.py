@@ -11,7 +11,7 @@ Starts `bentoml serve` on 127.0.0.1 (with an API key) and a loopback image serve
    unknown field). Reports: errors on valid requests (must be 0), any 5xx (must be 0), p50/p99 of
    valid requests, and the worker's RSS at start and end;
 2. peak: the worker's peak RSS above idle for one request carrying the largest image the limits
-   allow (CELLSCAN_MAX_IMAGE_PIXELS, RGB).
+   allow (CELLSCAN_MAX_IMAGE_PIXELS, RGB), without and with a heatmap.
 
 Writes benchmarks/results/soak.json.
 """
@@ -135,7 +135,7 @@ async def _soak(base: str, valid: list[dict[str, object]], hostile: list[tuple[s
                      "unexpected": unexpected[:10]}
 
 
-def _peak(base: str, worker: psutil.Process, side: int) -> dict[str, float]:
+def _peak(base: str, worker: psutil.Process, side: int, heatmap: bool = False) -> dict[str, float]:
     """Peak RSS above idle while the worker decodes and scores the largest allowed image."""
     yy, xx = np.mgrid[0:side, 0:side]
     rgb = np.stack([(xx * 255 // side), (yy * 255 // side), ((xx + yy) * 127 // side)], -1).astype(np.uint8)
@@ -152,7 +152,8 @@ def _peak(base: str, worker: psutil.Process, side: int) -> dict[str, float]:
     t = threading.Thread(target=sample)
     t.start()
     t0 = time.perf_counter()
-    r = httpx.post(f"{base}/predict", files={"image": ("big.png", data, "image/png")}, timeout=300)
+    r = httpx.post(f"{base}/predict", files={"image": ("big.png", data, "image/png")},
+                   data={"heatmap": str(heatmap).lower()}, timeout=300)
     took = time.perf_counter() - t0
     done.set()
     t.join()
@@ -208,10 +209,11 @@ def main() -> None:
         soak = asyncio.run(_soak(base, valid, _hostile(), args.clients, args.seconds))
         end_mb = worker.memory_info().rss / 2**20
         peak = _peak(base, worker, int(max_pixels ** 0.5))
+        peak_heatmap = _peak(base, worker, int(max_pixels ** 0.5), heatmap=True)
         result = {"clients": args.clients, "seconds": args.seconds, "cpus": os.cpu_count(),
                   "soak": soak | {"worker_rss_start_mb": start_mb, "worker_rss_end_mb": end_mb,
                                   "growth_pct": 100 * (end_mb - start_mb) / start_mb},
-                  "largest_image": peak}
+                  "largest_image": peak, "largest_image_with_heatmap": peak_heatmap}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
