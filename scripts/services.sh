@@ -52,7 +52,9 @@ case "${1:-start}" in
     wait_http "http://127.0.0.1:$BENTO_PORT/readyz" 120
     echo "MLflow UI:        http://127.0.0.1:$MLFLOW_PORT"
     echo "Prefect UI:       http://127.0.0.1:$PREFECT_PORT  (deployments retrain/scheduled-retrain,"
-    echo "                  retrain/service-retrain, evaluate-threshold/service-evaluate-threshold)"
+    echo "                  retrain/service-retrain, evaluate-threshold/service-evaluate-threshold,"
+    echo "                  monitor/scheduled-monitor, retrain/drift-retrain: triggered by drift events)"
+    echo "drift report:     http://127.0.0.1:$BENTO_PORT/monitoring/report  (JSON: /monitoring/report.json)"
     echo "cellscan service: http://127.0.0.1:$BENTO_PORT  (API docs: http://127.0.0.1:$BENTO_PORT/docs)"
     if [ -n "${CELLSCAN_API_KEY_FILE:-}" ]; then
       echo "API key:          in $CELLSCAN_API_KEY_FILE (mode 600); send it as -H \"x-api-key: \$(cat $CELLSCAN_API_KEY_FILE)\""
