@@ -15,6 +15,7 @@ import base64
 import contextvars
 import functools
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -272,6 +273,9 @@ class Cellscan:
         async with self._decodes:  # a bounded number of decodes at once: each can take hundreds of MB
             x, native = await asyncio.to_thread(self._decode, name, data)
         record, amap, version = await self.batcher.score(x)
+        if not all(math.isfinite(float(record.get(k) or 0.0)) for k in ("anomaly_score", "reconstruction_error")):
+            # never into the score metric or the prediction log: one NaN would poison them for good
+            raise BadRequest(f"{name}: the image gives a non-finite score; expected finite pixel values")
         emb = record.pop("_embedding", None)
         record["model_version"] = version
         if heatmap:  # at the size of the image sent

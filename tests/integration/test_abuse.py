@@ -290,6 +290,13 @@ def test_no_client_error_logged_a_traceback(svc):
     assert "[WARNING]" in text and "not an image" in text
 
 
+def test_the_openapi_document_has_the_error_shape(svc):
+    spec = httpx.get(f"{svc['base']}/docs.json", timeout=30).json()
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error", "code"]
+    for route in ("/predict", "/retrain", "/anomaly", "/rollback"):
+        assert {"400", "413", "415"} <= set(spec["paths"][route]["post"]["responses"]), route
+
+
 def test_long_filename_is_served_not_a_500(svc):
     with httpx.Client(base_url=svc["base"], timeout=60) as c:
         r = c.post("/predict", files={"image": ("a" * 300 + ".png", _png(), "image/png")})

@@ -51,3 +51,14 @@ def test_log_pipe_rotates_by_size(tmp_path: Path):
     assert log.read_bytes().endswith(b"line 099\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["svc.log", "svc.log.1", "svc.log.2"]
     assert all(p.stat().st_size <= 200 for p in tmp_path.iterdir())
+
+
+def test_openapi_documents_the_error_shape():
+    from cellscan.serve.guard import document_errors
+
+    spec = document_errors({"paths": {"/predict": {"post": {"responses": {"200": {}}}}, "/health": {"get": {}}}})
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error", "code"]
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "413", "415"} <= set(responses)
+    assert responses["415"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
+    assert "responses" not in spec["paths"]["/health"]["get"]

@@ -116,6 +116,33 @@ def _message_of(raw: bytes, status: int) -> str:
     return msg if isinstance(msg, str) else json.dumps(msg)
 
 
+ERROR_SCHEMA = {
+    "type": "object",
+    "description": "Every error answer (a batch item that failed also carries its index)",
+    "required": ["error", "code"],
+    "properties": {"error": {"type": "string", "description": "what was expected and what arrived"},
+                   "code": {"type": "string", "description": "a stable slug, e.g. " + ", ".join(sorted(
+                       {*CODES.values(), "host_not_allowed", "cross_site", "duplicate_image", "wrong_api_key"}))},
+                   "index": {"type": "integer", "description": "batch items only: the failed item's position"}},
+}
+ERROR_STATUSES = {"400": "invalid input (image, URL, field, Host)", "401": "missing API key", "403": "wrong API key or cross-site",
+                  "409": "the image is already in the dataset", "413": "body too large",
+                  "415": "not JSON or multipart", "429": "too many trainings pending (Retry-After)"}
+
+
+def document_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the one error shape to an OpenAPI document: a schema and the 4xx answers of every POST route."""
+    spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for item in spec.get("paths", {}).values():
+        op = item.get("post") if isinstance(item, dict) else None
+        if isinstance(op, dict):
+            responses = op.setdefault("responses", {})
+            for status, text in ERROR_STATUSES.items():
+                responses.setdefault(status, {"description": text} | ref)
+    return spec
+
+
 class Guard:
     """ASGI middleware enforcing a :class:`GuardPolicy` (``policy`` is called per request: read lazily)."""
 
@@ -185,6 +212,8 @@ class Guard:
                                               "missing_api_key")
                 return await self._answer(send, 403, "wrong API key (X-API-Key header)", "wrong_api_key")
 
+        if path == "/docs.json" and method == "GET":
+            return await self._documented(scope, receive, send)
         state = {"read": 0, "too_large": False, "started": False, "status": 0, "buffer": [], "rewrite": False,
                  "headers": []}
 
@@ -236,6 +265,29 @@ class Guard:
             return None
 
         return await self.app(scope, capped_receive, shaped_send)
+
+    async def _documented(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """BentoML's OpenAPI document with the error shape added."""
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def grab(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, grab)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                body = json.dumps(document_errors(json.loads(body))).encode()
+            except (ValueError, TypeError, AttributeError):
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": start.get("status", 500),
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     async def _send_shaped(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
