@@ -80,3 +80,33 @@ def test_missing_path_is_named(tmp_path):
 def test_channels_must_be_1_or_3():
     with pytest.raises(ImageError, match="channels must be 1 or 3, got 4"):
         decode_image(encode_png(np.zeros((4, 4), np.float32)), channels=4)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_float_pixels_are_refused(bad):
+    arr = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+    arr[2, 3] = bad
+    with pytest.raises(ImageError, match="non-finite"):
+        decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"))
+
+
+def test_png_text_bomb_is_an_image_error():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("k", "x" * (20 * 1024 * 1024), zip=True)
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    with pytest.raises(ImageError, match="MAX_TEXT_CHUNK"):
+        decode_image(buf.getvalue())
+
+
+def test_canonical_png_keeps_pixels_drops_the_rest():
+    from cellscan.core.images import canonical_png
+
+    arr = (np.random.default_rng(1).random((6, 9)) * 65535).astype(np.uint16)
+    png16 = _bytes(Image.fromarray(arr), "PNG")
+    out, digest = canonical_png(png16 + b"PK\x03\x04trailing archive")
+    assert b"PK\x03\x04" not in out and np.array_equal(np.asarray(Image.open(io.BytesIO(out))), arr)  # 16 bits kept
+    assert canonical_png(_bytes(Image.fromarray(arr), "TIFF"))[1] == digest  # same pixels, other container
+    assert canonical_png(_bytes(Image.fromarray(arr + 1), "PNG"))[1] != digest
