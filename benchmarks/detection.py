@@ -4,14 +4,15 @@ For every category (a folder with train/good and test/) under the root, each met
 train/good and is scored on test/good + test/<defect> (the same split for all):
 
 - cellscan: the product at its defaults (params.yaml): native resolution, reconstruction network and
-  discriminative head trained on simulated anomalies, fused score; nothing set per dataset
+  discriminative head trained on simulated anomalies, plus the whole-image view (PCA residual at 16 px),
+  fused score; nothing set per dataset
 - pca: PCA reconstruction error on 32x32 pixels
 - iforest: IsolationForest on 16x16 pixels (image scores only)
 - plain_ae: the original design's autoencoder (64x64, conv encoder, dense bottleneck, MSE, mean error)
 - before: cellscan's figures before this change (benchmarks/results/detection_before.json), not re-run
 
 Ablations (--ablation) train cellscan twice more on each category: the native-resolution reconstruction
-network alone (no head), and the head at a fixed 64x64 working size. --seeds N repeats cellscan with N seeds
+network alone (no head), the head at a fixed 64x64 working size, and the networks without the whole-image view. --seeds N repeats cellscan with N seeds
 on the categories given by --seed-only.
 
 Prints a table (image AUROC, pixel AUROC where masks exist, training seconds) and writes JSON.
@@ -52,18 +53,21 @@ def categories(root: Path) -> list[Path]:
     return sorted(p.parent.parent for p in root.glob("*/*/train/good") if p.is_dir())
 
 
-def params_for(category: Path, max_seconds: int | None = None, seed: int = 42) -> Params:
-    """The product's defaults (params.yaml): the same for every category."""
+def params_for(category: Path, max_seconds: int | None = None, seed: int = 42, epochs: int | None = None) -> Params:
+    """The product's defaults (params.yaml): the same for every category (budget overrides aside)."""
     p = load_params(HERE.parent / "params.yaml")
     over: dict[str, object] = {"base.seed": seed}
     if max_seconds:
         over["train.max_seconds"] = max_seconds
+    if epochs:
+        over["train.epochs"] = epochs
     return p.with_overrides(over)
 
 
 ABLATIONS: dict[str, dict[str, object]] = {
     "native_recon_only": {"model.head_filters": 0, "score.fusion": "recon"},
     "head_at_64px": {"data.image_size": 64},
+    "no_global_view": {"score.global_side": 0},
 }
 
 
@@ -105,7 +109,7 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
-    """Image and pixel AUROC of the reconstruction part and of the head part alone (one forward pass)."""
+    """Image and pixel AUROC of each part alone: reconstruction, head, whole-image view (one forward pass)."""
     from cellscan.core.scoring import aggregate
 
     samples = ds.evaluation
@@ -123,6 +127,8 @@ def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
         out["head_image_auroc"] = _auroc(labels, hmap.reshape(len(hmap), -1).max(axis=1))
         if masks is not None:
             out["head_pixel_auroc"] = pixel_auroc(hmap, masks)
+    if model.global_view is not None:
+        out["global_image_auroc"] = _auroc(labels, model.global_view.scores(x))
     return out
 
 
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="category names to run (default: all)")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--max-seconds", type=int, default=None, help="override train.max_seconds (default: params.yaml)")
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: params.yaml)")
     ap.add_argument("--max-train", type=int, default=0, help="cap on training images per category (0: all)")
     ap.add_argument("--ablation", action="store_true", help="also train the ablation variants")
     ap.add_argument("--seeds", type=int, default=1, help="cellscan runs with seeds 42, 43, ...")
@@ -197,15 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         row = results.get(key, {})
         todo: list[tuple[str, Params | None]] = [(m, None) for m in args.methods]
         if args.ablation:
-            todo += [(name, params_for(cat, args.max_seconds).with_overrides(o)) for name, o in ABLATIONS.items()]
+            base = params_for(cat, args.max_seconds, epochs=args.epochs)
+            todo += [(name, base.with_overrides(o)) for name, o in ABLATIONS.items()]
         if args.seeds > 1 and cat.name in args.seed_only:
-            todo += [(f"cellscan_seed{s}", params_for(cat, args.max_seconds, s)) for s in range(43, 42 + args.seeds)]
+            todo += [(f"cellscan_seed{s}", params_for(cat, args.max_seconds, s, args.epochs)) for s in range(43, 42 + args.seeds)]
         for name, p in todo:
             if name in row:
                 continue
             t0 = time.perf_counter()
             if name == "cellscan":
-                row[name] = run_cellscan(params_for(cat, args.max_seconds), ds)
+                row[name] = run_cellscan(params_for(cat, args.max_seconds, epochs=args.epochs), ds)
             elif p is not None:
                 row[name] = run_cellscan(p, ds)
             elif name == "plain_ae":

@@ -62,6 +62,8 @@ def test_training_writes_a_complete_model(trained, model_dir):
     meta = json.loads((model_dir / "meta.json").read_text())
     assert {"input_shape", "channels", "threshold", "score", "params", "cellscan_version", "metrics", "fusion"} <= set(meta)
     assert meta["input_shape"] == [48, 48]  # the synthetic slices' own size
+    assert set(meta["fusion"]) == {"recon", "head", "global"}  # three parts in the image score
+    assert (model_dir / "global_view.npz").is_file()
     assert meta["n_params"] > 0 and meta["train_images_per_s"] > 0
     assert np.isfinite(meta["threshold"])
     assert 0.0 <= trained.evaluation.metrics["image_auroc"] <= 1.0
@@ -141,3 +143,16 @@ def test_fusion_standardises_both_parts():
     np.testing.assert_array_equal(only_recon, recon_scores)
     no_head, _ = fuse(recon_scores, np.ones((2, 4, 4)), None, "sum", stats)
     np.testing.assert_array_equal(no_head, recon_scores)
+
+
+def test_global_view_changes_the_score_and_can_be_switched_off(trained, dataset_dir):
+    """The whole-image view is part of the fused score; global_side 0 leaves the two network parts."""
+    from dataclasses import replace
+
+    model = trained.model
+    paths = sorted((dataset_dir / "test").rglob("*.png"))[:6]
+    x = np.stack([model.load(q) for q in paths])
+    with_view = model.score_arrays(x).scores
+    without = model.score_arrays(x, replace(model.score_params, global_side=0)).scores
+    expected = (model.global_view.scores(x) - model.meta["fusion"]["global"][0]) / model.meta["fusion"]["global"][1]
+    np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ Layout::
     <dir>/model.keras      the reconstruction network and the discriminative head (one Keras graph)
     <dir>/meta.json        working size, channels, threshold, score params, fusion statistics, params, version
     <dir>/map_stats.npz    per-pixel mean/spread of normal error maps (the map's standardisation)
+    <dir>/global_view.npz  the whole-image view's mean and principal components (absent in older models)
 
 Saving writes to a sibling temporary folder and renames it into place, so a crash never leaves a
 half-written model where a complete one was.
@@ -27,11 +28,11 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import MapStats, aggregate, anomaly_maps, fuse, raw_maps, smooth
+from cellscan.core.scoring import GlobalView, MapStats, aggregate, anomaly_maps, fuse, raw_maps, smooth
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, META_FILE, STATS_FILE = "model.keras", "meta.json", "map_stats.npz"
+MODEL_FILE, META_FILE, STATS_FILE, GLOBAL_FILE = "model.keras", "meta.json", "map_stats.npz", "global_view.npz"
 ForwardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
@@ -66,10 +67,12 @@ class ScoreResult:
 class CellscanModel:
     """The networks with their working size, threshold, score configuration and map statistics."""
 
-    def __init__(self, keras_model: Any, meta: dict[str, Any], stats: MapStats | None = None) -> None:
+    def __init__(self, keras_model: Any, meta: dict[str, Any], stats: MapStats | None = None,
+                 global_view: GlobalView | None = None) -> None:
         self.keras_model = keras_model
         self.meta = meta
         self.stats = stats
+        self.global_view = global_view
         self._forward: ForwardFn | None = None
 
     # -- properties -------------------------------------------------------------------------
@@ -104,12 +107,12 @@ class CellscanModel:
         """A copy whose metadata carries a new threshold (and any extra metadata)."""
         meta = json.loads(json.dumps(self.meta)) | extra
         meta["threshold"] = float(threshold)
-        return CellscanModel(self.keras_model, meta, self.stats)
+        return CellscanModel(self.keras_model, meta, self.stats, self.global_view)
 
     def with_score_params(self, p: ScoreParams) -> CellscanModel:
         meta = json.loads(json.dumps(self.meta))
         meta["score"] = asdict(p)
-        return CellscanModel(self.keras_model, meta, self.stats)
+        return CellscanModel(self.keras_model, meta, self.stats, self.global_view)
 
     def use_backend(self, fn: ForwardFn) -> None:
         """Run the networks with another runtime (ONNX, TFLite) instead of Keras: x -> (recon, mask logits or None)."""
@@ -164,7 +167,8 @@ class CellscanModel:
         rmap = np.concatenate([m for _, m, _ in parts])
         hmap = None if parts[0][2] is None else np.concatenate([h for _, _, h in parts])
         rscore = aggregate(rmap, p.aggregation, p.topk)
-        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion)
+        gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -182,6 +186,11 @@ class CellscanModel:
                                                                                  np.float32)
         return self.score_arrays(x)
 
+    def fit_global(self, normals: np.ndarray) -> None:
+        """Fit the whole-image view on normal images (the training images; none when ``global_side`` is 0)."""
+        side = self.score_params.global_side
+        self.global_view = GlobalView.fit(normals, side) if side and len(normals) > 1 else None
+
     def fit_stats(self, holdout: np.ndarray) -> None:
         """Standardise maps and scores by what normal hold-out images (not seen in fitting) show."""
         p = self.score_params
@@ -191,6 +200,8 @@ class CellscanModel:
         fusion = {"recon": _mean_std(aggregate(rmap, p.aggregation, p.topk))}
         if prob is not None:
             fusion["head"] = _mean_std(smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1))
+        if self.global_view is not None:
+            fusion["global"] = _mean_std(self.global_view.scores(holdout))
         self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------
@@ -205,6 +216,8 @@ class CellscanModel:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if self.stats is not None:
                 np.savez(tmp / STATS_FILE, **self.stats.to_arrays())
+            if self.global_view is not None:
+                np.savez(tmp / GLOBAL_FILE, **self.global_view.to_arrays())
             if directory.exists():
                 old = directory.with_name(f".{directory.name}-old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -251,7 +264,11 @@ class CellscanModel:
         if (directory / STATS_FILE).is_file():
             with np.load(directory / STATS_FILE) as z:
                 stats = MapStats.from_arrays({k: z[k] for k in z.files})
-        return cls(model, meta, stats)
+        view = None
+        if (directory / GLOBAL_FILE).is_file():
+            with np.load(directory / GLOBAL_FILE) as z:
+                view = GlobalView.from_arrays({k: z[k] for k in z.files})
+        return cls(model, meta, stats, view)
 
     def describe(self) -> dict[str, Any]:
         keep = ("input_shape", "channels", "threshold", "score", "metrics", "data_hash", "cellscan_version")

@@ -1,9 +1,14 @@
-"""Anomaly maps, image scores and thresholds from the reconstruction error and the head's map (numpy only).
+"""Anomaly maps, image scores and thresholds from the reconstruction error, the head's map and a whole-image
+view (numpy only).
 
 The pixel map is the reconstruction error (squared error, 1 - SSIM, or both), standardised
 per pixel by the error that normal hold-out images show at that position, then smoothed. The image
 score (``reconstruction_error``) aggregates the map: its mean, its maximum or the mean of its top-k
 share of pixels.
+
+The networks see local windows; what is wrong with a whole image (a shifted electrode stack, a shape
+that is another shape) shows in :class:`GlobalView`: the image brought down to a few hundred pixels and
+projected on the principal components of the training normals; its residual is a third image score.
 """
 
 from __future__ import annotations
@@ -101,34 +106,109 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
     return _blur(maps, sigma).astype(np.float32) if sigma > 0 else maps.astype(np.float32)
 
 
+class GlobalView:
+    """The whole image at a few hundred pixels, projected on the principal components of normal images.
+
+    The squared residual of that projection (its mean is the image score) is large where an image as a
+    whole departs from every normal one, whatever the networks' windows see. ``side`` is the long side
+    of the small view; the short side keeps the working aspect ratio.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> normals = np.repeat(np.linspace(0, 1, 16)[None, :, None, None], 40, 0) * np.ones((1, 16, 16, 1))
+        >>> normals = (normals + 0.01 * rng.standard_normal(normals.shape)).astype(np.float32)
+        >>> g = GlobalView.fit(normals, side=8)
+        >>> other = normals[:1].transpose(0, 2, 1, 3)   # the gradient turned by a quarter
+        >>> bool(g.scores(other)[0] > 10 * g.scores(normals[:5]).max())
+        True
+    """
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, shape: tuple[int, int]) -> None:
+        self.mean, self.components, self.shape = mean, components, (int(shape[0]), int(shape[1]))
+
+    @staticmethod
+    def small_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
+        h, w = shape
+        scale = min(1.0, side / max(h, w))
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def _small(self, x: np.ndarray) -> np.ndarray:
+        from cellscan.core.images import resize
+
+        return np.stack([resize(a, self.shape) for a in x]).reshape(len(x), -1).astype(np.float64)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, side: int = 32, variance: float = 0.95) -> GlobalView:
+        """Fit on normal images (N, H, W, C): keep the components that explain ``variance`` of their spread."""
+        view = cls(np.zeros(0), np.zeros((0, 0)), cls.small_shape(x.shape[1:3], side))
+        flat = view._small(x)
+        view.mean = flat.mean(axis=0)
+        _, s, vt = np.linalg.svd(flat - view.mean, full_matrices=False)
+        share = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-12)
+        k = min(int(np.searchsorted(share, variance)) + 1, len(s))
+        view.components = vt[:k]
+        return view
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Mean squared residual of each image (N,) after projection on the normal components."""
+        d = self._small(x) - self.mean
+        res = d - (d @ self.components.T) @ self.components
+        return (res**2).mean(axis=1).astype(np.float32)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "components": self.components, "shape": np.array(self.shape)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> GlobalView:
+        return cls(a["mean"], a["components"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
+
+
 def fuse(
     recon_scores: np.ndarray,
     recon_maps: np.ndarray,
     head_maps: np.ndarray | None,
     fusion: str,
     stats: dict[str, list[float]],
+    global_scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and pixel maps from the reconstruction and the head: ``(scores (N,), maps (N, H, W))``.
+    """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
-    ``sum`` adds both after standardising each by its mean and spread on normal hold-out images
-    (``stats``: ``{"recon": [mean, std], "head": [mean, std]}``); the head's image score is the
-    maximum of its smoothed map. ``head`` or ``recon`` use one part alone. Without a head, or
-    without statistics, the reconstruction part is used as it is.
+    ``sum`` adds the parts after standardising each by its mean and spread on normal hold-out images
+    (``stats``: ``{"recon": [mean, std], "head": [mean, std], "global": [mean, std]}``); the head's image
+    score is the maximum of its smoothed map, the global part's the residual of :class:`GlobalView`
+    (image score only: the pixel map sums the reconstruction and head maps). ``head`` or ``recon`` use
+    one part alone. A part without statistics is left out; with none, the reconstruction part is used
+    as it is.
 
     Example:
         >>> r, h = np.array([1.0, 3.0]), np.zeros((2, 2, 2)); h[1, 0, 0] = 0.9
         >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", {"recon": [1.0, 1.0], "head": [0.0, 0.1]})
         >>> [round(float(v), 6) for v in s]   # (r - 1) / 1 + (max h - 0) / 0.1
         [0.0, 11.0]
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", {"recon": [1.0, 1.0], "head": [0.0, 0.1],
+        ...             "global": [2.0, 0.5]}, global_scores=np.array([2.0, 3.0]))
+        >>> [round(float(v), 6) for v in s]   # + (g - 2) / 0.5
+        [0.0, 13.0]
     """
-    if head_maps is None or fusion == "recon" or (fusion == "sum" and not {"recon", "head"} <= set(stats)):
+    head_scores = None if head_maps is None else head_maps.reshape(len(head_maps), -1).max(axis=1)
+    if fusion == "head" and head_maps is not None:
+        return head_scores, head_maps  # type: ignore[return-value]
+    if fusion != "sum" or "recon" not in stats:
         return recon_scores, recon_maps
-    head_scores = head_maps.reshape(len(head_maps), -1).max(axis=1)
-    if fusion == "head":
-        return head_scores, head_maps
-    (mr, sr), (mh, sh) = stats["recon"], stats["head"]
-    scores = (recon_scores - mr) / sr + (head_scores - mh) / sh
-    maps = (recon_maps - mr) / sr + (head_maps - mh) / sh
+    use_head = head_maps is not None and "head" in stats
+    use_global = global_scores is not None and "global" in stats
+    if not (use_head or use_global):
+        return recon_scores, recon_maps
+    mr, sr = stats["recon"]
+    scores = (recon_scores - mr) / sr
+    maps = (recon_maps - mr) / sr
+    if use_head:
+        mh, sh = stats["head"]
+        scores = scores + (head_scores - mh) / sh
+        maps = maps + (head_maps - mh) / sh
+    if use_global:
+        mg, sg = stats["global"]
+        scores = scores + (global_scores - mg) / sg
     return scores.astype(np.float32), maps.astype(np.float32)
 
 

@@ -213,6 +213,7 @@ def fit_model(
         "stopped_by": budget.reason,
     }
     model = CellscanModel(net, meta)
+    model.fit_global(x_fit)
     model.fit_stats(x_hold)
     logger.info("fitted %d parameters on %s crops of %s images at %.1f crops/s (%s)", meta["n_params"],
                 meta["train_crop"], shape, meta["train_images_per_s"], budget.reason)
