@@ -1,11 +1,21 @@
-"""Serving benchmark: the cellscan BentoML service against the original design's Flask server.
+"""Serving benchmark: the cellscan BentoML service (TensorFlow or ONNX Runtime) and the original Flask server.
 
-Both load the same Keras model (the default architecture at 64x64, trained here on a synthetic
+All load the same Keras model (the default architecture at 64x64, trained here on a synthetic
 project that :func:`make_project` builds in a temporary folder) and answer the same requests
-({"image_url": ...} pointing at a local file server) under 1, 8 and 32 concurrent clients.
-Prints requests per second and p50/p99 latency per server and level, and the ratios.
+({"image_url": ...} pointing at a local file server) under 1, 8 and 32 concurrent clients:
 
-    python benchmarks/serving.py [--seconds 15] [--out benchmarks/results/serving.json]
+- ``cellscan``: the service as it ships (networks in TensorFlow/Keras);
+- ``cellscan-onnx``: the same service with ``CELLSCAN_RUNTIME=onnx`` (the champion's ONNX export, made
+  on demand at start-up, in onnxruntime; the numpy scoring after the networks is the same);
+- ``flask``: the original design's server.
+
+Prints requests per second and p50/p99 latency per server and level, and the ratios against
+``cellscan``. Then the bare model in this process, without HTTP: images per second at batch 1 and
+32 for the networks alone (``forward``) and with the numpy scoring (``score_arrays``), Keras against
+ONNX Runtime, so the service's overhead over the model is visible.
+
+    python benchmarks/serving.py [--seconds 15] [--servers cellscan,cellscan-onnx,flask]
+                                 [--out benchmarks/results/serving.json]
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LEVELS = (1, 8, 32)
+SERVERS = ("cellscan", "cellscan-onnx", "flask")
 
 
 def _port() -> int:
@@ -96,17 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0, help="load duration per level")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)}")
+    ap.add_argument("--model-seconds", type=float, default=3.0, help="duration of each bare-model measurement")
+    ap.add_argument("--project", type=Path, help="reuse the project (proj/) of an earlier run instead of training")
     args = ap.parse_args(argv)
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if unknown := set(wanted) - set(SERVERS):
+        ap.error(f"unknown servers {sorted(unknown)}; must be among: {', '.join(SERVERS)}")
 
-    tmp = Path(tempfile.mkdtemp(prefix="cellscan-serving-"))
-    project = make_project(tmp / "proj", {"data.image_size": 64, "train.epochs": 3, "synth.size": 128,
-                                          "synth.n_train": 40, "synth.n_test_good": 20, "synth.n_per_defect": 5})
+    tmp = args.project.resolve().parent if args.project else Path(tempfile.mkdtemp(prefix="cellscan-serving-"))
+    project = args.project.resolve() if args.project else make_project(
+        tmp / "proj", {"data.image_size": 64, "train.epochs": 3, "synth.size": 128, "synth.n_train": 40,
+                       "synth.n_test_good": 20, "synth.n_per_defect": 5})
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = os.environ | {"CELLSCAN_HOME": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db",
-                        "PREFECT_HOME": str(tmp / "prefect"), "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    print("training the model to serve ...", flush=True)
-    subprocess.run([sys.executable, "-c", f"from flows.training import train_flow; train_flow(project={str(project)!r})"],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+                        "PREFECT_HOME": str(tmp / "prefect"), "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2",
+                        "CELLSCAN_API_KEY": "benchmark"}  # the service refuses to start without one
+    print(f"training the model to serve in {project} ...", flush=True)
+    if not args.project:
+        subprocess.run([sys.executable, "-c", f"from flows.training import train_flow; train_flow(project={str(project)!r})"],
+                       cwd=REPO, env=env, check=True, capture_output=True)
     model_dir = tmp / "model"
     subprocess.run([sys.executable, "-c",
                     "from cellscan.mlops import registry; from cellscan.settings import Settings; from pathlib import Path;"
@@ -120,19 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     images = [f"http://127.0.0.1:{fport}/{p.relative_to(data)}" for p in sorted(data.rglob("test/*/*.png"))]
 
     results: dict[str, list[dict[str, float]]] = {}
-    bport, fl_port = _port(), _port()
+    bport, oport, fl_port = _port(), _port(), _port()
+    bento = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan", "--host", "127.0.0.1"]
+    allow = {"CELLSCAN_URL_ALLOWLIST": f"127.0.0.1:{fport}", "CELLSCAN_OPEN": "1"}  # /predict only, loopback
     servers = {
-        "cellscan": ([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
-                      "--host", "127.0.0.1", "--port", str(bport)], f"http://127.0.0.1:{bport}",
-                     env | {"CELLSCAN_URL_ALLOWLIST": f"127.0.0.1:{fport}", "CELLSCAN_OPEN": "1"}),
+        "cellscan": ([*bento, "--port", str(bport)], f"http://127.0.0.1:{bport}", env | allow),
+        "cellscan-onnx": ([*bento, "--port", str(oport)], f"http://127.0.0.1:{oport}",
+                          env | allow | {"CELLSCAN_RUNTIME": "onnx"}),
         "flask": ([sys.executable, str(HERE / "flask_baseline.py"), str(model_dir), str(fl_port)],
                   f"http://127.0.0.1:{fl_port}", env),
     }
     for name, (cmd, base, senv) in servers.items():
-        proc = subprocess.Popen(cmd, cwd=REPO, env=senv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        if name not in wanted:
+            continue
+        log = (tmp / f"{name}.log").open("wb")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=senv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait(f"{base}/readyz" if name == "cellscan" else f"{base}/predict", proc)
+            _wait(f"{base}/readyz" if name.startswith("cellscan") else f"{base}/predict", proc)
             asyncio.run(_load(f"{base}/predict", images, 4, 3.0))  # warm-up
             results[name] = []
             for level in LEVELS:
@@ -145,13 +169,62 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=30)
     files.shutdown()
 
-    print("\nclients  cellscan req/s  flask req/s  throughput x  cellscan p99 ms  flask p99 ms  p99 ratio")
-    for c, f in zip(results["cellscan"], results["flask"], strict=True):
-        print(f"{c['clients']:7d}  {c['rps']:14.1f}  {f['rps']:11.1f}  {c['rps'] / f['rps']:12.2f}  "
-              f"{c['p99_ms']:15.1f}  {f['p99_ms']:12.1f}  {c['p99_ms'] / f['p99_ms']:9.2f}")
+    bare = bare_model(model_dir, project, args.model_seconds) if "cellscan-onnx" in wanted else {}
+    table = markdown(results, bare, args.seconds)
+    print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps(results | ({"bare_model": bare} if bare else {}), indent=2))
+    args.out.with_suffix(".md").write_text(table)
     return 0
+
+
+def _rate(fn: object, x: np.ndarray, seconds: float) -> float:
+    """Images per second of ``fn(x)`` over about ``seconds`` (after one warm-up call)."""
+    fn(x)  # type: ignore[operator]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn(x)  # type: ignore[operator]
+        n += 1
+    return n * len(x) / (time.perf_counter() - t0)
+
+
+def bare_model(model_dir: Path, project: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """Images/s of the networks alone (forward) and with the numpy scoring (score_arrays), Keras vs ONNX Runtime."""
+    from cellscan.core.bundle import CellscanModel
+    from cellscan.edge import load_export
+
+    keras_model = CellscanModel.load_dir(model_dir)
+    exported = sorted((project / "exports").glob("v*-onnx"))
+    models = {"keras": keras_model, "onnx": load_export(exported[-1])}
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[str, float]] = {}
+    for name, m in models.items():
+        for batch in (1, 32):
+            x = rng.random((batch, *m.shape, m.channels)).astype(np.float32)
+            out[f"{name} batch {batch}"] = {"forward_images_per_s": _rate(m.forward, x, seconds),
+                                            "score_images_per_s": _rate(m.score_arrays, x, seconds)}
+    return out
+
+
+def markdown(results: dict[str, list[dict[str, float]]], bare: dict[str, dict[str, float]], seconds: float) -> str:
+    """The results as Markdown tables: per server and level, the ratios against ``cellscan``, the bare model."""
+    lines = [f"Serving ({seconds:g} s per level; requests are {{\"image_url\"}} to a local file server)", "",
+             "| server | clients | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+    for name, rows in results.items():
+        lines += [f"| {name} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                  f"{r['errors']} |" for r in rows]
+    if "cellscan" in results:
+        for name in (n for n in results if n != "cellscan"):
+            lines += ["", f"| clients | {name} / cellscan throughput | p99 ratio |", "|---:|---:|---:|"]
+            for c, o in zip(results["cellscan"], results[name], strict=True):
+                lines.append(f"| {c['clients']} | {o['rps'] / c['rps']:.2f}x | {o['p99_ms'] / c['p99_ms']:.2f} |")
+    if bare:
+        lines += ["", "Bare model in one process (no HTTP), images/s", "",
+                  "| runtime | batch | networks (forward) | networks + numpy scoring |", "|---|---:|---:|---:|"]
+        for key, r in bare.items():
+            rt, _, b = key.partition(" batch ")
+            lines.append(f"| {rt} | {b} | {r['forward_images_per_s']:.1f} | {r['score_images_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
