@@ -129,6 +129,24 @@ def monitoring_metrics() -> Any:
     return PlainTextResponse(prometheus_text(monitoring_batches(2)["days"], "day"))
 
 
+def _openapi() -> dict[str, Any]:
+    """The whole API: BentoML's document (with the error shape) plus the routes of the ops app."""
+    from cellscan.serve.apidoc import merge
+    from cellscan.serve.guard import document_errors
+
+    return merge(document_errors(Cellscan.openapi_spec.asdict()), ops.openapi())
+
+
+def _pages() -> None:
+    """The inspection pages under /ui (cellscan.serve.pages): scans, upload, models, monitoring, API docs."""
+    from cellscan.serve.pages import build_router
+
+    ops.include_router(build_router(_svc, _openapi))
+
+
+_pages()
+
+
 def _guard_policy() -> Any:
     from cellscan.serve.guard import GuardPolicy
 

@@ -1,0 +1,97 @@
+"""The /ui pages over HTTP (no browser, no model): they render from the prediction log, and verdicts need the key."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from cellscan.core.images import encode_png
+from cellscan.mlops.monitor.predlog import Item, PredictionLog
+from cellscan.serve.apidoc import operations
+
+KEY = "k3y"
+
+
+class _Holder:
+    version = 1
+
+    def current(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("no model in these tests")
+
+
+@pytest.fixture
+def ui(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CELLSCAN_HOME", str(tmp_path))
+    monkeypatch.setenv("CELLSCAN_API_KEY", KEY)
+    for var in ("CELLSCAN_MONITOR_DIR", "CELLSCAN_PREDICTION_DB", "CELLSCAN_API_KEY_FILE", "CELLSCAN_OPEN"):
+        monkeypatch.delenv(var, raising=False)
+    from service import service
+
+    service.settings.cache_clear()
+    s = service.settings()
+    log = PredictionLog.from_settings(s)
+    x = np.full((8, 8, 1), 0.5, np.float32)
+    recs = [{"anomaly_score": sc, "reconstruction_error": 0.0, "threshold": 1.0, "is_anomaly": sc > 1}
+            for sc in (0.5, 2.0)]
+    log.write([Item(x * (i + 1) / 2, encode_png(x[..., 0] * (i + 1) / 2), r, None, "upload", f"s{i}.png", 1, 0.01)
+               for i, r in enumerate(recs)])
+    fake = types.SimpleNamespace(settings=s, holder=_Holder(), plog=None, project=tmp_path, _intake=asyncio.Lock())
+    service._SERVICES[:] = [fake]
+    yield TestClient(service.Guard(service.ops))
+    service._SERVICES[:] = []
+    service.settings.cache_clear()
+
+
+def test_scans_render_newest_first_and_filter(ui):
+    page = ui.get("/ui/scans")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.index("s1.png") < page.text.index("s0.png")  # newest first
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    flagged = ui.get("/ui/scans", params={"verdict": "anomaly"}).text
+    assert "s1.png" in flagged and "s0.png" not in flagged
+    assert ui.get("/ui/scans/2").status_code == 200 and "unreviewed" in ui.get("/ui/scans/2").text
+    thumb = ui.get("/ui/scans/2/image.png", params={"size": 4})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert ui.get("/ui/scans/99").json()["code"] == "not_found"
+    for path in ("/ui/upload", "/ui/monitoring", "/ui/static/ui.js", "/ui/static/ui.css"):
+        assert ui.get(path).status_code == 200, path
+
+
+def test_verdicts_need_the_key_and_are_given_once(ui):
+    url = "/ui/scans/2/verdict"
+    missing = ui.post(url, json={"verdict": "confirmed"})
+    assert (missing.status_code, missing.json()["code"]) == (401, "missing_api_key")
+    wrong = ui.post(url, json={"verdict": "confirmed"}, headers={"X-API-Key": "nope"})
+    assert (wrong.status_code, wrong.json()["code"]) == (403, "wrong_api_key")
+    cross = ui.post(url, json={"verdict": "confirmed"}, headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403 and set(cross.json()) == {"error", "code"}
+    assert ui.post(url, json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY}).status_code == 400
+    ok = ui.post(url, json={"verdict": "confirmed"}, headers={"X-API-Key": KEY}).json()
+    assert ok["verdict"] == "confirmed" and ok["by"].startswith("key-") and KEY not in ok["by"]
+    again = ui.post(url, json={"verdict": "confirmed"}, headers={"X-API-Key": KEY})
+    assert (again.status_code, again.json()["code"]) == (409, "conflict")
+    assert "s1.png" in ui.get("/ui/scans", params={"review": "confirmed"}).text
+    assert "s1.png" not in ui.get("/ui/scans", params={"review": "unreviewed"}).text
+    rollback = ui.post("/rollback", json={"version": 1})
+    assert rollback.status_code == 401
+
+
+def test_api_page_lists_every_route_offline(ui):
+    page = ui.get("/ui/api")
+    assert page.status_code == 200
+    for route in ("/predict", "/retrain", "/anomaly", "/rollback", "/health", "/ui/scans/{scan_id}/verdict"):
+        assert f"{route}</code>" in page.text, route
+    assert '"error"' in page.text and "cdn" not in page.text.lower()
+
+
+def test_operations_build_examples():
+    spec = {"paths": {"/predict": {"post": {"summary": "Score", "requestBody": {"content": {"application/json": {
+        "schema": {"properties": {"image_url": {"type": "string"}, "heatmap": {"type": "boolean", "default": False}}}}}},
+        "responses": {"200": {"description": "ok"}}}}}}
+    (op,) = operations(spec)
+    assert op["method"] == "POST" and [f["name"] for f in op["fields"]] == ["image_url", "heatmap"]
+    assert '"heatmap": false' in op["curl"] and op["answers"] == [("200", "ok")]
