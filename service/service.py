@@ -30,7 +30,8 @@ from pydantic import Field
 # (unhashable FileSchema inside typing.Union) and ignores uploads inside PEP 604 `Path | None`.
 
 REPO = Path(__file__).resolve().parent.parent  # where flows/ lives: the job processes run there
-ops = FastAPI(title="cellscan operations")
+# FastAPI's own /docs would load Swagger UI from a CDN (blank offline): cellscan.serve.pages serves /docs itself.
+ops = FastAPI(title="cellscan operations", docs_url=None, redoc_url=None)
 _SERVICES: list[Any] = []
 # For the prediction log: where the bytes came from ("upload", "url"), and the request (a batch) they belong to.
 _SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("cellscan_source", default="upload")

@@ -86,6 +86,7 @@ def test_api_page_lists_every_route_offline(ui):
     for route in ("/predict", "/retrain", "/anomaly", "/rollback", "/health", "/ui/scans/{scan_id}/verdict"):
         assert f"{route}</code>" in page.text, route
     assert '"error"' in page.text and "cdn" not in page.text.lower()
+    assert ui.get("/docs").text == page.text  # /docs is the same page (FastAPI's CDN Swagger is off)
 
 
 def test_operations_build_examples():

@@ -304,6 +304,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         report = service().settings.monitor_dir / "reports" / "latest.html"
         return render("monitoring.html", nav=nav, page="monitoring", days=days, report=report.is_file())
 
+    @r.get("/docs", include_in_schema=False)
     @r.get("/ui/api", summary="The API documentation (HTML, offline)")
     def api_page() -> Any:
         spec = openapi()
