@@ -107,7 +107,6 @@ def test_upload_flags_a_defect_with_its_heatmap(browser, served, tmp_path):  # n
     assert rows and all("anomaly" in r.get_attribute("class") for r in rows)
     thumb = rows[0].find_element(By.CSS_SELECTOR, "img.thumb")
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", thumb) > 0)
-    _shot(browser, "ui-scans.png")
     rows[0].find_element(By.CSS_SELECTOR, "td a").click()
     overlay = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "heat-img"))
     WebDriverWait(browser, 60).until(lambda d: d.execute_script("return arguments[0].naturalWidth", overlay) == 48)
@@ -140,6 +139,10 @@ def test_false_alarm_is_queued_for_retraining(browser, served, tmp_path):  # noq
     stored = served["project"] / review.split("stored as ")[1].split(" ·")[0].strip()
     assert stored.is_file() and "temp" in stored.parts  # where /retrain queues new normals
     assert scan in _scans(served, review="false_alarm") and scan not in _scans(served, review="unreviewed")
+    browser.get(f"{served['base']}/ui/scans")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"))
+    _shot(browser, "ui-scans.png")
 
 
 def test_rollback_from_the_models_page_serves_the_older_version(browser, served, tmp_path):  # noqa: F811
