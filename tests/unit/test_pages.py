@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from cellscan.core.images import encode_png
 from cellscan.mlops.monitor.predlog import Item, PredictionLog
 from cellscan.serve.apidoc import operations
+from cellscan.serve.pages import mlflow_run_url
 
 KEY = "k3y"
 
@@ -96,3 +97,22 @@ def test_operations_build_examples():
     (op,) = operations(spec)
     assert op["method"] == "POST" and [f["name"] for f in op["fields"]] == ["image_url", "heatmap"]
     assert '"heatmap": false' in op["curl"] and op["answers"] == [("200", "ok")]
+
+
+@pytest.mark.parametrize(("uri", "url"), [
+    ("http://127.0.0.1:5000/", "http://127.0.0.1:5000/#/experiments/7/runs/r1"),  # the MLflow server: its UI
+    ("sqlite:///proj/mlflow/mlflow.db", None),  # a local store has no UI to link to
+])
+def test_mlflow_run_links(uri, url):
+    assert mlflow_run_url(uri, "7", "r1") == url
+
+
+def test_models_page_lists_versions_with_rollback(ui, monkeypatch):
+    from cellscan.mlops import registry
+
+    rows = [{"version": v, "aliases": ["champion"] if v == 2 else [], "kind": "train", "threshold": 1.5,
+             "image_auroc": 0.9, "f1": 0.8, "data_hash": "h", "gate": "promoted: better f1", "run_id": f"r{v}",
+             "run_name": f"run-{v}", "created": 0} for v in (2, 1)]
+    monkeypatch.setattr(registry, "list_versions", lambda settings: rows)
+    page = ui.get("/ui/models").text
+    assert 'id="rollback-1"' in page and 'id="rollback-2"' not in page and "promoted: better f1" in page

@@ -52,6 +52,18 @@ def render(name: str, status: int = 200, **ctx: Any) -> Any:
     return HTMLResponse(_env().get_template(name).render(**ctx), status_code=status)
 
 
+def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The run's page in the MLflow UI when the tracking URI is the MLflow server itself (else None).
+
+    Example:
+        >>> mlflow_run_url("http://127.0.0.1:5000/", "1", "abc")
+        'http://127.0.0.1:5000/#/experiments/1/runs/abc'
+    """
+    if not (tracking_uri.startswith(("http://", "https://")) and experiment_id and run_id):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def _error(status: int, message: str, code: str) -> Any:
     from starlette.responses import JSONResponse
 
@@ -287,6 +299,15 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
 
         svc = service()
         versions = registry.list_versions(svc.settings)
+        uri = svc.settings.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            mc = registry.client(svc.settings)
+            for v in versions:
+                try:
+                    exp = mc.get_run(v["run_id"]).info.experiment_id if v.get("run_id") else None
+                except Exception:  # noqa: BLE001 (a deleted run: the page still lists the version)
+                    exp = None
+                v["mlflow_url"] = mlflow_run_url(uri, exp, v.get("run_id"))
         return render("models.html", nav=nav, page="models", versions=versions, serving=svc.holder.version,
                       tracking=svc.settings.tracking_uri)
 
