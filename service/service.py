@@ -23,7 +23,7 @@ from typing import Any
 
 import bentoml
 from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from pydantic import Field
 
 # Upload fields are typed `Path` with a None default: BentoML 1.4.39 fails on Optional[Path]
@@ -58,13 +58,24 @@ def _svc() -> Any:
     return _SERVICES[0]
 
 
+def _mlflow_down(s: Any) -> Any:
+    """A 503 in the error shape while MLflow is unreachable (the loaded champion keeps serving), else None."""
+    from starlette.responses import JSONResponse
+
+    problem = s.probe.error()
+    if problem is None:
+        return None
+    msg = f"{problem}; models cannot be listed or changed until it answers (the loaded champion keeps serving)"
+    return JSONResponse({"error": msg, "code": "mlflow_unavailable"}, status_code=503)
+
+
 @ops.get("/models")
-def models() -> dict[str, Any]:
+def models() -> Any:
     """Registered versions with aliases and metrics, and the version being served."""
     from cellscan.mlops import registry
 
     s = _svc()
-    return {"serving": s.holder.version, "versions": registry.list_versions(s.settings)}
+    return _mlflow_down(s) or {"serving": s.holder.version, "versions": registry.list_versions(s.settings)}
 
 
 @ops.get("/jobs/{job_id}")
@@ -78,11 +89,39 @@ def job(job_id: str) -> dict[str, Any]:
 
 @ops.get("/health")
 def health() -> dict[str, Any]:
-    """Liveness plus the served model (BentoML's /readyz and /livez answer too)."""
+    """Liveness plus the served model and runtime; ``degraded`` (with why) while MLflow is unreachable.
+
+    Always 200 while the process answers (BentoML's /readyz and /livez answer too).
+    """
     s = _svc()
-    return {"status": "ok" if s.holder.version else "no_model", "model_version": s.holder.version,
-            "model_name": s.settings.model_name, "last_error": s.holder.last_error,
-            "pending_jobs": s.jobs.pending()}
+    mlflow_error = s.probe.error()
+    status = "no_model" if not s.holder.version else "degraded" if mlflow_error else "ok"
+    return {"status": status, "model_version": s.holder.version, "champion_version": s.holder.champion,
+            "runtime": s.settings.runtime, "model_name": s.settings.model_name,
+            "mlflow": {"reachable": mlflow_error is None, "error": mlflow_error},
+            "degraded": [mlflow_error] if mlflow_error else [],
+            "last_error": s.holder.last_error, "pending_jobs": s.jobs.pending()}
+
+
+@ops.post("/edge/results")
+async def edge_results(request: Request) -> Any:
+    """Results scored on an edge device (``cellscan-edge score --post``) into the prediction log, source ``edge``."""
+    from starlette.responses import JSONResponse
+
+    from cellscan.serve.edgelog import EdgeRecordsError, edge_rows
+
+    s = _svc()
+    if s.plog is None:
+        return JSONResponse({"error": "the prediction log is off (CELLSCAN_PREDICTION_LOG=0)", "code": "log_off"},
+                            status_code=409)
+    try:
+        rows, skipped = edge_rows(await request.json())
+    except ValueError as exc:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+        return JSONResponse({"error": f"body is not JSON: {exc}", "code": "bad_request"}, status_code=400)
+    except EdgeRecordsError as exc:
+        return JSONResponse({"error": str(exc), "code": "bad_request"}, status_code=400)
+    written = await asyncio.to_thread(s.plog.log.insert, rows)
+    return {"written": written, "skipped": skipped, "source": "edge"}
 
 
 def _report_file(name: str) -> Path:
@@ -206,6 +245,38 @@ def _files_only() -> None:
 _files_only()
 
 
+def _strict_json() -> None:
+    """JSON bodies as BentoML 1.4.39 parses them, made strict like the forms above.
+
+    Unknown fields are refused with their names (a typo such as ``heatmaps`` would otherwise be
+    dropped without a word), and a body that is a bare URL is never downloaded by BentoML itself
+    (its JSON parser fetches ``http://...`` bodies for routes with file fields, around cellscan's
+    URL checks); such a body is invalid JSON and answered 400.
+    """
+    import json
+
+    from _bentoml_impl.serde import JSONSerde, Payload  # BentoML 1.4.39
+
+    async def parse_request(self: Any, request: Any, cls: Any) -> Any:
+        body = await request.body()
+        try:
+            data = json.loads(body) if body.strip() else {}
+        except ValueError:
+            data = None  # invalid JSON: pydantic's message below
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                msg = (f"unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+                       f"expected some of {', '.join(cls.model_fields)}")
+                raise BadRequest(msg)
+        return self.deserialize_model(Payload((body,), metadata=request.headers), cls)
+
+    JSONSerde.parse_request = parse_request
+
+
+_strict_json()
+
+
 @bentoml.service(name="cellscan", traffic={"timeout": 3600, "max_concurrency": 256}, workers=1)
 @bentoml.asgi_app(ops, path="/")
 class Cellscan:
@@ -228,7 +299,10 @@ class Cellscan:
         self.project = self.settings.home
         self.params = load_params(self.project / "params.yaml")
         self.policy = FetchPolicy.from_settings(self.settings)
-        self.holder = ModelHolder(self.settings)
+        from cellscan.serve.health import TrackingProbe
+
+        self.probe = TrackingProbe(self.settings.tracking_uri)
+        self.holder = ModelHolder(self.settings, reachable=self.probe.error)
         runner = make_runner(self.settings, REPO, os.environ, self.project / "runs" / "jobs")
         self.jobs = Jobs(runner, self.settings.max_pending_jobs, on_done=lambda job: self.holder.refresh())
         self.m_pred = bentoml.metrics.Counter("cellscan_predictions_total", "Predictions by outcome", ["result"])
@@ -355,6 +429,9 @@ class Cellscan:
         from cellscan.errors import BusyError, DatasetError
         from cellscan.mlops import steps
 
+        down = await asyncio.to_thread(_mlflow_down, self)  # the job would need MLflow: store nothing
+        if down is not None:
+            return down
         name, data = await self._bytes(image_url, image)
         async with self._decodes:
             await asyncio.to_thread(self._decode, name, data)  # refuse what is not an image before storing anything
@@ -416,13 +493,20 @@ class Cellscan:
     @bentoml.api(route="/rollback")
     def rollback(self, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
         """Move the champion alias back (to ``version``, or to the previous champion)."""
-        from cellscan.mlops import registry
-        from cellscan.errors import RegistryError
+        from mlflow.exceptions import MlflowException
 
+        from cellscan.errors import RegistryError
+        from cellscan.mlops import registry
+
+        down = _mlflow_down(self)
+        if down is not None:
+            return down
         try:
             v = registry.rollback(self.settings, version)
         except RegistryError as exc:
             raise NotFound(str(exc)) from None
+        except MlflowException as exc:  # the server went away between the probe and the call
+            raise ServiceUnavailable(f"MLflow: {exc}; the champion is unchanged") from None
         self.holder.refresh()
         return {"champion": v, "serving": self.holder.version}
 

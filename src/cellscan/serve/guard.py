@@ -41,7 +41,7 @@ BODY_TYPES = ("application/json", "multipart/form-data")
 JSON_MAX_BYTES = 1024 * 1024  # a JSON body holds URLs and flags, never image data
 CODES = {400: "bad_request", 401: "missing_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
          409: "conflict", 413: "body_too_large", 415: "unsupported_media_type", 422: "bad_request",
-         429: "too_many_jobs", 500: "internal_error", 503: "unavailable"}
+         429: "too_many_jobs", 500: "internal_error", 503: "unavailable", 507: "storage_error"}
 
 
 class BodyTooLarge(Exception):
@@ -67,7 +67,7 @@ class GuardPolicy:
     open_mode: bool = False
     allowed_hosts: tuple[str, ...] = ()  # besides LOCAL_HOSTS and the connection's own address; "*": any
     max_body_bytes: int = 64 * 1024 * 1024
-    protected: tuple[str, ...] = ("/retrain", "/anomaly", "/rollback")
+    protected: tuple[str, ...] = ("/retrain", "/anomaly", "/rollback", "/edge/results")
 
     @classmethod
     def from_settings(cls, settings: Any) -> GuardPolicy:
@@ -122,12 +122,15 @@ ERROR_SCHEMA = {
     "required": ["error", "code"],
     "properties": {"error": {"type": "string", "description": "what was expected and what arrived"},
                    "code": {"type": "string", "description": "a stable slug, e.g. " + ", ".join(sorted(
-                       {*CODES.values(), "host_not_allowed", "cross_site", "duplicate_image", "wrong_api_key"}))},
+                       {*CODES.values(), "host_not_allowed", "cross_site", "duplicate_image", "wrong_api_key",
+                        "mlflow_unavailable"}))},
                    "index": {"type": "integer", "description": "batch items only: the failed item's position"}},
 }
 ERROR_STATUSES = {"400": "invalid input (image, URL, field, Host)", "401": "missing API key", "403": "wrong API key or cross-site",
                   "409": "the image is already in the dataset", "413": "body too large",
-                  "415": "not JSON or multipart", "429": "too many trainings pending (Retry-After)"}
+                  "415": "not JSON or multipart", "429": "too many trainings pending (Retry-After)",
+                  "503": "MLflow unreachable (mlflow_unavailable) or no model yet",
+                  "507": "the disk is full: nothing was stored (storage_error)"}
 
 
 def document_errors(spec: dict[str, Any]) -> dict[str, Any]:

@@ -34,13 +34,18 @@ logger = logging.getLogger(__name__)
 class ModelHolder:
     """The current champion, reloaded when the alias moves."""
 
-    def __init__(self, settings: Settings, poll_seconds: float | None = None) -> None:
+    def __init__(self, settings: Settings, poll_seconds: float | None = None,
+                 reachable: Callable[[], str | None] | None = None) -> None:
         self.settings = settings
         poll_seconds = settings.poll_seconds if poll_seconds is None else poll_seconds
         self._lock = threading.Lock()
         self._model: CellscanModel | None = None
         self._version: int | None = None
+        self.champion: int | None = None  # the alias as last read from the registry
         self.last_error: str | None = None
+        # None when MLflow answers, else why not (cellscan.serve.health.TrackingProbe.error): the poll then
+        # skips the registry, whose client would retry a refused connection for minutes.
+        self.reachable = reachable
         self._stop = threading.Event()
         self.refresh()
         if poll_seconds > 0:
@@ -48,6 +53,10 @@ class ModelHolder:
 
     def _poll(self, every: float) -> None:
         while not self._stop.wait(every):
+            problem = self.reachable() if self.reachable is not None else None
+            if problem is not None:
+                self.last_error = problem
+                continue
             try:
                 self.refresh()
             except Exception as exc:  # keep serving the model we have
@@ -57,6 +66,7 @@ class ModelHolder:
     def refresh(self) -> int | None:
         """Load the champion if the alias points elsewhere than the loaded version; returns the version."""
         version = registry.champion_version(self.settings)
+        self.champion = version
         if version is None or version == self._version:
             return self._version
         model, loaded = registry.load_model(version, self.settings)

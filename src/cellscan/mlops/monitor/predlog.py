@@ -1,6 +1,6 @@
 """The prediction log: one row per scored image, in any SQLAlchemy database (sqlite in the project by default).
 
-Each row holds time, model version, source (``upload``, ``url``, ``batch``, ``cli``), batch id, content hash,
+Each row holds time, model version, source (``upload``, ``url``, ``batch``, ``cli``, ``edge``), batch id, content hash,
 size and bit depth, the intensity descriptors and the compact embedding (:mod:`.descriptors`), score,
 threshold, verdict and latency. The images themselves are kept (content-addressed, one folder per day)
 for ``keep_days`` days; :meth:`PredictionLog.prune` removes older ones and clears their paths.
@@ -146,10 +146,18 @@ class PredictionLog:
         return out
 
     def write(self, items: list[Item]) -> int:
-        rows = self.rows(items)
+        return self.insert(self.rows(items))
+
+    def insert(self, rows: list[dict[str, Any]]) -> int:
+        """Insert ready rows (column -> value; columns left out are NULL), in one transaction.
+
+        The service's own predictions come through :meth:`write`; rows scored elsewhere (an edge
+        device's ``cellscan-edge --post``, source ``edge``) come here, with no descriptors or image.
+        """
         if rows:
+            keys = set().union(*rows)
             with self.engine.begin() as conn:
-                conn.execute(self.predictions.insert(), rows)
+                conn.execute(self.predictions.insert(), [dict.fromkeys(keys) | r for r in rows])
         return len(rows)
 
     # -- reading ---------------------------------------------------------------------------
