@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 EXPORT_INFO, PARITY_FILE = "export.json", "parity.json"
 MODEL_FILES = {"onnx": "model.onnx", "tflite": "model.tflite"}
+RESULTS_PATH = "/edge/results"  # the service's route (cellscan.serve.edgelog)
 FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
           "error"]
 
@@ -183,6 +184,9 @@ def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api
                  chunk: int = 100, timeout: float = 30.0) -> int:
     """POST the rows as JSON to ``url``, ``chunk`` rows a request; returns the number of requests sent.
 
+    ``url`` is the service's address (``http://host:3000``, posted to its ``/edge/results`` route, which
+    writes the rows into the prediction log with source ``edge``) or any full URL.
+
     Each body is ``{"source": "cellscan-edge", "host": ..., "model_version": ..., "runtime": "onnx",
     "records": [<results.csv rows, with "time">]}``; ``api_key`` goes in the ``x-api-key`` header.
 
@@ -190,7 +194,10 @@ def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api
         CellscanError: a request failed or was answered with an error status.
     """
     import socket
+    from urllib.parse import urlsplit
 
+    if urlsplit(url).path in ("", "/"):  # the service's address alone: its route for edge results
+        url = url.rstrip("/") + RESULTS_PATH
     sent = 0
     stamp = time.time()
     for i in range(0, len(rows), chunk):
