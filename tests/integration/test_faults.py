@@ -200,11 +200,10 @@ def test_full_disk_while_storing_is_a_507_and_loses_nothing(stack):
     try:
         for name, data in kept.items():
             (temp / name).write_bytes(data)
-        with (temp / ".filler").open("wb") as f:  # fill it: every further write is ENOSPC
+        with (temp / ".filler").open("wb", buffering=0) as f:  # fill it: every further write is ENOSPC
             try:
                 while True:
                     f.write(b"\0" * 4096)
-                    f.flush()
             except OSError:
                 pass
         data_before = _files(project / "data/cells")
