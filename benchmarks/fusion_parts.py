@@ -4,7 +4,8 @@
     python benchmarks/fusion_parts.py CATEGORY_DIR ['{"train.epochs": 12}'] [TAG]
 
 Models are cached under $CELLSCAN_FUSION_CACHE (default /tmp/cellscan-fusion/models); one JSON line per
-run is appended to benchmarks/results/fusion_parts.jsonl. Standardisation uses the training hold-out only.
+run is appended to benchmarks/results/fusion_parts.jsonl; the raw part scores (test and hold-out) are saved
+beside the cached model as part_scores.npz, for trying fusions without retraining. Standardisation uses the training hold-out only.
 """
 import json, sys, time, os
 from pathlib import Path
@@ -53,6 +54,9 @@ def pca_scores(side, var=0.95, mahal=False):
         z = (t - mu) @ V.T; res = ((t - mu) - z @ V) ** 2
         return res.mean(1)
     return sc(th), sc(te), k
+gh16, ge16, _ = pca_scores(16)
+np.savez(mdir / "part_scores.npz", labels=labels, recon=re, head=he, glob=ge16, recon_hold=rh, head_hold=hh, glob_hold=gh16,
+         defect=np.array([s.defect or "good" for s in samples]))
 res = {"recon": roc_auc_score(labels, re), "head": roc_auc_score(labels, he)}
 z = lambda v, ref: (v - ref.mean()) / max(ref.std(), 1e-9)
 res["r+h"] = roc_auc_score(labels, z(re, rh) + z(he, hh))
