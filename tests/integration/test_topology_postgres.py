@@ -249,7 +249,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         # deploy/stack-setup.sh's steps on the tiny project: the work pool, the deployments, a first training.
         setup_env = env("setup")
         pool = setup_env["CELLSCAN_WORK_POOL"]
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", setup_env["CELLSCAN_WORK_POOL_TYPE"]],
+        pool_type = setup_env["CELLSCAN_WORK_POOL_TYPE"]
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", pool_type],
                        cwd=REPO, env=setup_env, check=True, capture_output=True, timeout=180)
         subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--project", str(project)],
                        cwd=REPO, env=setup_env, check=True, capture_output=True, timeout=300)
@@ -299,10 +300,12 @@ def test_the_whole_topology_on_postgresql(stack: dict[str, Any]) -> None:
     void = sorted((project / "data/cells/test/void").glob("*.png"))[0]
     shutil.copy(void, stack["images"] / "scan-1.png")
     good = sorted((project / "data/cells/test/good").glob("*.png"))[0]
+    scan = {"image_url": f"{stack['files']}/scan-1.png"}
     with httpx.Client(base_url=stack["base"], timeout=600, headers={"x-api-key": KEY}) as c:
-        # The service fetched the champion from the MLflow server; predicts by URL (allow-listed image server).
+        # The service fetched the champion from the MLflow server; it predicts by URL (the allow-listed
+        # image server) and from an upload.
         assert c.get("/health").json()["model_version"] == 1
-        one = c.post("/predict", json={"image_url": f"{stack['files']}/scan-1.png"})
+        one = c.post("/predict", json=scan)
         assert one.status_code == 200, one.text
         one = one.json()
         assert one["model_version"] == 1 and one["is_anomaly"] == (one["anomaly_score"] > one["threshold"])
@@ -324,7 +327,7 @@ def test_the_whole_topology_on_postgresql(stack: dict[str, Any]) -> None:
         assert httpx.get(f"{api}/deployments/{run['deployment_id']}", timeout=10).json()["name"] == \
             "service-evaluate-threshold"
         assert _champion(stack) == 2
-        assert c.post("/predict", json={"image_url": f"{stack['files']}/scan-1.png"}).json()["model_version"] == 2
+        assert c.post("/predict", json=scan).json()["model_version"] == 2
 
         # Rollback needs the key; with it the alias moves back in MLflow and the service follows.
         assert c.post("/rollback", json={}, headers={"x-api-key": "wrong"}).status_code in (401, 403)
@@ -333,14 +336,15 @@ def test_the_whole_topology_on_postgresql(stack: dict[str, Any]) -> None:
         assert r.status_code == 200, r.text
         assert r.json() == {"champion": 1, "serving": 1}
         assert _champion(stack) == 1
-        assert c.post("/predict", json={"image_url": f"{stack['files']}/scan-1.png"}).json()["model_version"] == 1
+        assert c.post("/predict", json=scan).json()["model_version"] == 1
 
     # The stores are PostgreSQL's, nothing fell back to the embedded sqlite defaults.
-    assert pg.sql("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'cellscan'") == \
-        [("champion", 1)]
-    assert sorted(v for (v,) in pg.sql("mlflow", "SELECT version FROM model_versions WHERE name = 'cellscan'")) == [1, 2]
+    aliases = pg.sql("mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = 'cellscan'")
+    assert aliases == [("champion", 1)]
+    versions = pg.sql("mlflow", "SELECT version FROM model_versions WHERE name = 'cellscan' ORDER BY version")
+    assert versions == [(1,), (2,)]
     (uri,) = pg.sql("mlflow", "SELECT artifact_uri FROM runs WHERE run_uuid = "
-                              f"(SELECT run_id FROM model_versions WHERE name = 'cellscan' AND version = 1)")[0]
+                              "(SELECT run_id FROM model_versions WHERE name = 'cellscan' AND version = 1)")[0]
     assert uri.startswith("mlflow-artifacts:/"), uri  # artifacts went through the server
     assert any((stack["root"] / "mlflow-artifacts").rglob("model.keras"))
     done = pg.sql("prefect", "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")[0][0]
@@ -352,7 +356,7 @@ def test_the_whole_topology_on_postgresql(stack: dict[str, Any]) -> None:
     assert stack["env"]["CELLSCAN_PREDICTION_DB"] == pg.url(db)
     rows: list[tuple[Any, ...]] = []
     for _ in range(30):
-        rows = pg.sql(db, "SELECT model_version, source, is_anomaly, score, threshold FROM predictions ORDER BY id")
+        rows = pg.sql(db, "SELECT model_version, source, is_anomaly, score FROM predictions ORDER BY id")
         if len(rows) >= 4:
             break
         time.sleep(1)
