@@ -16,7 +16,6 @@ Skips, with the reason, where PostgreSQL is not installed (Debian: ``apt-get ins
 from __future__ import annotations
 
 import glob
-import io
 import os
 import re
 import secrets
@@ -38,6 +37,7 @@ from PIL import Image
 
 from cellscan.core.images import encode_png
 from tests.integration.conftest import REPO, make_project
+from tests.integration.test_service import _stop, _wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "topology-key"
@@ -76,35 +76,6 @@ def _interpolate(text: str, values: dict[str, str]) -> str:
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, seconds: int = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=3).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"{url}: process exited ({proc.returncode}): {log.read_text()[-3000:]}")
-        time.sleep(1)
-    pytest.fail(f"{url} not ready in {seconds} s: {log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(2):  # a Prefect worker forwards the first signal and stops on the second
-        try:
-            os.killpg(proc.pid, 15)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    os.killpg(proc.pid, 9)
-    proc.wait(timeout=20)
 
 
 class Postgres:
@@ -242,9 +213,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
         log_p = root / "prefect.log"
         procs.append(_start(command("prefect", ports["prefect"]), env("prefect"), log_p))
-        _wait_http(f"{mlflow_url}/health", procs[0], log)
+        _wait_http(f"{mlflow_url}/health", procs[0], log, seconds=240)
         api = f"http://127.0.0.1:{ports['prefect']}/api"
-        _wait_http(f"{api}/health", procs[1], log_p)
+        _wait_http(f"{api}/health", procs[1], log_p, seconds=240)
 
         # deploy/stack-setup.sh's steps on the tiny project: the work pool, the deployments, a first training.
         setup_env = env("setup")
@@ -258,7 +229,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         procs.append(_start(command("worker", ports["worker"]),
                             env("worker", PREFECT_WORKER_WEBSERVER_PORT=str(ports["worker"]),
                                 PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1"), log_w))
-        _wait_http(f"http://127.0.0.1:{ports['worker']}/health", procs[-1], log_w)
+        _wait_http(f"http://127.0.0.1:{ports['worker']}/health", procs[-1], log_w, seconds=240)
         dep = httpx.get(f"{api}/deployments/name/retrain/service-retrain", timeout=10).json()
         first = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10).json()
         first = _wait_flow_run(api, first["id"])
