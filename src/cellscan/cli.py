@@ -44,7 +44,7 @@ def _boundary(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CellscanError as exc:
-            console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False)
+            console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
