@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cellscan.mlops import steps as pipeline
+from cellscan.mlops import watchdog
 from cellscan.core.config import Params, load_params
 from cellscan.settings import Settings, setup_offline
 
@@ -107,7 +108,13 @@ def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[st
     ap.add_argument("--result", default=None, help="write the flow's result as JSON to this file")
     args = ap.parse_args(argv)
     setup_offline()  # telemetry off before the first flow run starts Prefect's local API or imports MLflow
-    result = flow_fn(project=args.project, params_path=args.params)
+    dog = watchdog.start()  # killed, this process leaves its flow run crashed and no process behind
+    try:
+        hooks = [*getattr(flow_fn, "on_running_hooks", []), watchdog.prefect_hook(dog)]
+        run = flow_fn.with_options(on_running=hooks) if hasattr(flow_fn, "with_options") else flow_fn
+        result = run(project=args.project, params_path=args.params)
+    finally:
+        dog.close()
     if args.result:
         write_result(args.result, result)
     return 0

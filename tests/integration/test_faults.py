@@ -167,10 +167,17 @@ def test_training_killed_with_sigkill_changes_nothing(stack):
     group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == proc.pid]
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    left = [p for p in group if p.pid != proc.pid and p.is_running()]
-    for p in left:  # Prefect's temporary API server outlives a SIGKILLed flow process (reported, then stopped)
-        p.kill()
+    assert any("uvicorn" in " ".join(p.cmdline()) for p in group if p.is_running()), "no temporary Prefect API"
+    deadline = time.monotonic() + 30  # the watchdog marks the run crashed, then stops Prefect's temporary API
+    while time.monotonic() < deadline and any(p.is_running() for p in group if p.pid != proc.pid):
+        time.sleep(0.5)
+    assert not [p.cmdline() for p in group if p.pid != proc.pid and p.is_running()]
     assert "registered cellscan version" not in log.read_text()
+    dogs = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "cellscan.mlops.watchdog" in
+            p.info["cmdline"] and str(proc.pid) in p.info["cmdline"]]
+    assert not dogs, "the watchdog outlived its cleanup"
+    states = _flow_run_states(env)
+    assert states.count(("train-autoencoder", "CRASHED")) == 1 and not [s for s in states if s[1] == "RUNNING"]
     assert _registry(env) == before
     h = httpx.get(f"{stack['base']}/health", timeout=30).json()
     assert h["status"] == "ok" and h["model_version"] == 1
@@ -181,6 +188,17 @@ def test_training_killed_with_sigkill_changes_nothing(stack):
     versions, aliases = _registry(env)
     assert [v for v, _ in versions] == [1, 2] and all(s == "READY" for _, s in versions)
     assert int(aliases["champion"]) in (1, 2)
+
+
+def _flow_run_states(env: dict[str, str]) -> list[tuple[str, str]]:
+    """(flow name, state type) of every flow run in the stack's Prefect database (through a fresh temporary API)."""
+    code = ("from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    names = {f.id: f.name for f in c.read_flows()}\n"
+            "    for r in c.read_flow_runs(): print(names[r.flow_id], r.state.type.value)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [tuple(line.split()) for line in out.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
 
 def _pgid(pid: int) -> int | None:
