@@ -261,6 +261,8 @@ def test_mlflow_down_keeps_serving_and_recovers(stack):
                 r = c.request(method, route, **kw)
                 assert r.status_code == 503, (route, r.text)
                 assert r.json()["code"] == "mlflow_unavailable" and "MLflow" in r.json()["error"], r.text
+            page = c.get("/ui/models")  # the operators' page says why instead of waiting on retries
+            assert page.status_code == 503 and 'id="mlflow-unavailable"' in page.text and str(mport) in page.text
             assert time.perf_counter() - t0 < 30  # no minutes of client retries
             assert _files(stack["project"] / "data/cells") == before  # nothing stored for a refused change
     finally:
@@ -271,3 +273,5 @@ def test_mlflow_down_keeps_serving_and_recovers(stack):
     h = httpx.get(f"{stack['base']}/health", timeout=30).json()
     assert h["status"] == "ok" and h["mlflow"]["reachable"]
     assert httpx.get(f"{stack['base']}/models", timeout=60).status_code == 200
+    page = httpx.get(f"{stack['base']}/ui/models", timeout=60)
+    assert page.status_code == 200 and "mlflow-unavailable" not in page.text and 'data-version="1"' in page.text

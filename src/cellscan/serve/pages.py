@@ -298,6 +298,10 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         from cellscan.mlops import registry
 
         svc = service()
+        problem = svc.probe.error()
+        if problem is not None:  # MLflow down: say so now rather than wait on the client's retries
+            return render("models.html", 503, nav=nav, page="models", versions=[], serving=svc.holder.version,
+                          tracking=svc.settings.tracking_uri, unavailable=problem)
         versions = registry.list_versions(svc.settings)
         uri = svc.settings.tracking_uri
         if uri.startswith(("http://", "https://")):
