@@ -13,7 +13,8 @@ Starts `bentoml serve` on 127.0.0.1 (with an API key) and a loopback image serve
 2. peak: the worker's peak RSS above idle for one request carrying the largest image the limits
    allow (CELLSCAN_MAX_IMAGE_PIXELS, RGB), without and with a heatmap.
 
-Writes benchmarks/results/soak.json.
+Writes benchmarks/results/soak.json (--out). ``--valid-share`` and ``--hostile`` narrow the mix, to find
+which kind of request costs memory.
 """
 
 from __future__ import annotations
@@ -100,16 +101,16 @@ def _worker(pid: int) -> psutil.Process:
 
 
 async def _soak(base: str, valid: list[dict[str, object]], hostile: list[tuple[str, dict[str, object]]],
-                clients: int, seconds: float) -> dict[str, object]:
+                clients: int, seconds: float, valid_share: float = 0.5) -> dict[str, object]:
     lat: list[float] = []
-    counts = {"valid": 0, "valid_errors": 0, "hostile": 0, "5xx": 0}
+    counts = {"valid": 0, "valid_errors": 0, "hostile": 0, "hostile_cut": 0, "5xx": 0}
     unexpected: list[str] = []
     stop = time.monotonic() + seconds
     rng = random.Random(0)
 
     async def client(c: httpx.AsyncClient) -> None:
         while time.monotonic() < stop:
-            if rng.random() < 0.5:
+            if rng.random() < valid_share:
                 kw = rng.choice(valid)
                 t0 = time.perf_counter()
                 r = await c.post("/predict", **kw)  # type: ignore[arg-type]
@@ -121,8 +122,12 @@ async def _soak(base: str, valid: list[dict[str, object]], hostile: list[tuple[s
                     lat.append(time.perf_counter() - t0)
             else:
                 name, kw = rng.choice(hostile)
-                r = await c.post("/predict", **kw)  # type: ignore[arg-type]
                 counts["hostile"] += 1
+                try:
+                    r = await c.post("/predict", **kw)  # type: ignore[arg-type]
+                except httpx.TransportError:  # refused before the body was read whole (413), connection closed
+                    counts["hostile_cut"] += 1
+                    continue
                 if not 400 <= r.status_code < 500:
                     unexpected.append(f"{name}: {r.status_code} {r.text[:200]}")
             if r.status_code >= 500:
@@ -165,6 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
+    ap.add_argument("--valid-share", type=float, default=0.5, help="share of valid requests (0: hostile only)")
+    ap.add_argument("--hostile", default="", help="comma-separated kinds of hostile request to send (default: all)")
     ap.add_argument("--project", type=Path, help="a trained project (default: make and train a tiny one)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cellscan-soak"))
     args = ap.parse_args()
@@ -206,19 +214,34 @@ def main() -> None:
         worker = _worker(proc.pid)
         asyncio.run(_soak(base, valid, _hostile(), 4, 5))  # warm-up
         start_mb = worker.memory_info().rss / 2**20
-        soak = asyncio.run(_soak(base, valid, _hostile(), args.clients, args.seconds))
+        samples: list[tuple[int, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:  # the worker's RSS every 30 s: a plateau (warm-up) and a steady climb (leak) differ
+            t0 = time.monotonic()
+            while not done.wait(30):
+                samples.append((round(time.monotonic() - t0), round(worker.memory_info().rss / 2**20, 1)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        hostile = [h for h in _hostile() if not args.hostile or h[0] in args.hostile.split(",")]
+        soak = asyncio.run(_soak(base, valid, hostile, args.clients, args.seconds, args.valid_share))
+        done.set()
+        sampler.join()
         end_mb = worker.memory_info().rss / 2**20
         peak = _peak(base, worker, int(max_pixels ** 0.5))
         peak_heatmap = _peak(base, worker, int(max_pixels ** 0.5), heatmap=True)
         result = {"clients": args.clients, "seconds": args.seconds, "cpus": os.cpu_count(),
+                  "valid_share": args.valid_share, "hostile_kinds": [h[0] for h in hostile],
                   "soak": soak | {"worker_rss_start_mb": start_mb, "worker_rss_end_mb": end_mb,
-                                  "growth_pct": 100 * (end_mb - start_mb) / start_mb},
+                                  "growth_pct": 100 * (end_mb - start_mb) / start_mb,
+                                  "worker_rss_mb_every_30s": samples},
                   "largest_image": peak, "largest_image_with_heatmap": peak_heatmap}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
         files.shutdown()
-    out = HERE / "results" / "soak.json"
+    out = args.out
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
