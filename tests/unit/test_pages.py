@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import types
 
 import numpy as np
@@ -40,7 +41,10 @@ def ui(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
             for sc in (0.5, 2.0)]
     log.write([Item(x * (i + 1) / 2, encode_png(x[..., 0] * (i + 1) / 2), r, None, "upload", f"s{i}.png", 1, 0.01)
                for i, r in enumerate(recs)])
-    fake = types.SimpleNamespace(settings=s, holder=_Holder(), plog=None, project=tmp_path, _intake=asyncio.Lock())
+    from cellscan.serve.health import TrackingProbe
+
+    fake = types.SimpleNamespace(settings=s, holder=_Holder(), plog=None, project=tmp_path, _intake=asyncio.Lock(),
+                                 probe=TrackingProbe(s.tracking_uri))
     service._SERVICES[:] = [fake]
     yield TestClient(service.Guard(service.ops))
     service._SERVICES[:] = []
@@ -116,3 +120,17 @@ def test_models_page_lists_versions_with_rollback(ui, monkeypatch):
     monkeypatch.setattr(registry, "list_versions", lambda settings: rows)
     page = ui.get("/ui/models").text
     assert 'id="rollback-1"' in page and 'id="rollback-2"' not in page and "promoted: better f1" in page
+
+
+def test_models_page_with_mlflow_unreachable_is_an_html_503_that_says_why(ui):
+    from cellscan.serve.health import TrackingProbe
+    from service import service
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    service._SERVICES[0].probe = TrackingProbe(f"http://127.0.0.1:{port}")
+    r = ui.get("/ui/models")
+    assert r.status_code == 503 and r.headers["content-type"].startswith("text/html")  # the guard leaves it HTML
+    assert 'id="mlflow-unavailable"' in r.text and str(port) in r.text and 'data-version=' not in r.text
+    assert ui.get("/nope-api-route").headers["content-type"].startswith("application/json")  # the API: JSON errors

@@ -235,7 +235,10 @@ class Guard:
                 state["status"] = message["status"]
                 state["headers"] = [(k, v) for k, v in message.get("headers", [])
                                     if k.lower() not in (b"content-length", b"content-type")]
-                state["rewrite"] = message["status"] >= 400 or state["too_large"]
+                html_page = str(scope.get("path", "")).startswith("/ui/") and any(
+                    k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in message.get("headers", []))
+                # the operators' pages keep their own error pages (a browser shows them); the API answers JSON
+                state["rewrite"] = (message["status"] >= 400 and not html_page) or state["too_large"]
                 if not state["rewrite"]:
                     await send(message)
                 return
