@@ -16,6 +16,7 @@ Rules (each refusal raises :class:`FetchError`, a 400 at the service):
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -131,6 +132,13 @@ def _pinned(url: str, ip: str) -> tuple[str, dict[str, str], dict[str, str]]:
     return target, {"host": host_header}, ({"sni_hostname": host} if scheme == "https" else {})
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every fetch (certifi's CAs, as httpx's default). Building one per client loads the
+    CA bundle each time: a third of the service's time at 32 clients, on the event loop."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 async def _get(url: str, policy: FetchPolicy, loop: asyncio.AbstractEventLoop) -> bytes:
     for _ in range(policy.max_redirects + 1):
         try:
@@ -146,7 +154,8 @@ async def _get(url: str, policy: FetchPolicy, loop: asyncio.AbstractEventLoop) -
         ip = await loop.run_in_executor(_resolver(), _check_host, url, policy)
         target, headers, ext = _pinned(url, ip)
         try:
-            async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False) as client:
+            async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False, trust_env=False,
+                                         verify=_tls()) as client:
                 req = client.build_request("GET", target, headers=headers, extensions=ext)
                 resp = await client.send(req, stream=True)
                 try:
