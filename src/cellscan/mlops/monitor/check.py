@@ -17,7 +17,7 @@ from typing import Any
 from cellscan.core.config import Params
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics
-from cellscan.mlops.monitor.drift import log_to_mlflow, run_report, save_report
+from cellscan.mlops.monitor.drift import log_to_mlflow, run_report, save_report, with_pixels
 from cellscan.mlops.monitor.predlog import PredictionLog
 from cellscan.mlops.monitor.reference import load_reference
 from cellscan.settings import Settings
@@ -37,13 +37,15 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     base = {"model_version": version, "pruned_image_days": pruned, "events": [], "report": None}
     if version is None:
         return base | {"status": "no champion"}
-    current = log.frame(model_version=version, limit=p.window)
+    window = log.frame(model_version=version, limit=p.window)
+    current = with_pixels(window)  # edge devices' rows have no descriptors: batch metrics only
     if len(current) < p.min_samples:
-        return base | {"status": f"{len(current)} predictions of version {version}, fewer than {p.min_samples}"}
+        msg = f"{len(current)} predictions of version {version} with image descriptors, fewer than {p.min_samples}"
+        return base | {"status": msg}
     reference = load_reference(settings, version)
     snap, result = run_report(reference, current, p, version)
     allrows = log.frame(since=now - 7 * 86400)
-    extra = {"batches": batch_metrics(current), "days": batch_metrics(allrows, "day")}
+    extra = {"batches": batch_metrics(window), "days": batch_metrics(allrows, "day")}
     save_report(snap, result, settings.monitor_dir / "reports", extra)
     run_id = log_to_mlflow(settings, result)
     events = []

@@ -74,8 +74,14 @@ def max_rate(reference_rate: float, n: int, z: float) -> float:
     return min(1.0, r + z * math.sqrt(r * (1 - r) / max(n, 1)) + 1 / max(n, 1))
 
 
+def with_pixels(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows scored from pixels here: edge devices' rows (``/edge/results``) carry a score and a verdict but
+    no descriptors or embedding, and the report's tests need every column of every row."""
+    return df[df[[*COLUMNS, *EMBEDDING]].notna().all(axis=1)]
+
+
 def _usable(df: pd.DataFrame) -> pd.DataFrame:
-    return df[[*COLUMNS, *EMBEDDING, "score", "is_anomaly"]].astype(float)
+    return with_pixels(df)[[*COLUMNS, *EMBEDDING, "score", "is_anomaly"]].astype(float)
 
 
 def run_report(reference: pd.DataFrame, current: pd.DataFrame, p: MonitorParams,
