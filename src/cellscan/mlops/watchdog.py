@@ -67,13 +67,13 @@ def start() -> Watchdog:
 def prefect_hook(dog: Watchdog) -> Any:
     """An ``on_running`` hook for a Prefect flow that reports its run and API to ``dog``."""
 
-    def hook(flow: Any, flow_run: Any, state: Any) -> None:
+    def report_to_watchdog(flow: Any, flow_run: Any, state: Any) -> None:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             dog.report(str(flow_run.id), str(client.api_url).rstrip("/"))
 
-    return hook
+    return report_to_watchdog
 
 
 # --- the watchdog process ---------------------------------------------------------------------------
