@@ -87,6 +87,35 @@ class OnnxBackend:
         return out["recon"][:, :h, :w], mask
 
 
+class OnnxMaps:
+    """The export's ``maps.onnx`` in onnxruntime: ``(x, recon, head prob) -> (map, head map or None)``.
+
+    The numpy scoring's maps (:mod:`cellscan.mlops.maps_onnx` builds the graph), for the score
+    parameters in ``key``; the model falls back to numpy for others.
+    """
+
+    def __init__(self, path: Path, key: dict[str, Any], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.key = key
+
+    def __call__(self, x: np.ndarray, recon: np.ndarray, prob: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        feed = {"x": x.astype(np.float32, copy=False), "recon": recon.astype(np.float32, copy=False)}
+        if "prob" in self.inputs:
+            if prob is None:
+                msg = "maps graph expects the head's map"
+                raise ModelError(msg)
+            feed["prob"] = prob.astype(np.float32, copy=False)
+        out = self.session.run(None, feed)
+        return out[0], (out[1] if len(out) > 1 else None)
+
+
 class LiteBackend:
     """The exported graph in the LiteRT interpreter (one call at a time: the interpreter is not thread-safe)."""
 
@@ -148,6 +177,11 @@ def load_export(directory: str | Path, threads: int = 0) -> CellscanModel:
         msg = f"cannot load {directory / info['file']}: {exc}"
         raise ModelError(msg) from exc
     model.use_backend(backend)
+    if info.get("maps_file") and (directory / info["maps_file"]).is_file():
+        try:
+            model.use_maps(OnnxMaps(directory / info["maps_file"], info["maps_key"], threads))
+        except Exception as exc:  # noqa: BLE001 (a bad maps graph leaves the numpy maps in use)
+            logger.warning("export %s: maps graph not used (%s); the maps are computed in numpy", directory, exc)
     model.meta["export"] = info
     return model
 

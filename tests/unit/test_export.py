@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,15 @@ def test_onnx_export_of_the_champion_is_logged_to_its_run(trained, model_dir, da
     assert r["max_score_diff"] < 1e-3 and r["max_abs_map_diff"] < 1e-3
     assert json.loads((out / "parity.json").read_text())["max_score_diff"] == r["max_score_diff"]
     names = {p.name for p in out.iterdir()}
-    assert {"export.json", "map_stats.npz", "meta.json", "model.onnx", "parity.json"} <= names
+    assert {"export.json", "map_stats.npz", "meta.json", "model.onnx", "maps.onnx", "parity.json"} <= names
+    assert json.loads((out / "export.json").read_text())["maps_key"]["map"] == "l2_ssim"
+    assert load_export(out)._maps is not None  # the parity above was measured through the maps graph
+    older = out.with_name("older")  # an export made before maps.onnx: the service makes it again
+    shutil.copytree(out, older)
+    info = json.loads((older / "export.json").read_text())
+    (older / "export.json").write_text(json.dumps({k: v for k, v in info.items() if not k.startswith("maps_")}))
+    assert export._matches(out, version, r["threshold"]) and not export._matches(older, version, r["threshold"])
+    assert load_export(older)._maps is None and load_export(older).score_arrays  # still loads, numpy maps
     assert "model.keras" not in names and not any(n.startswith(".") for n in names)
 
     mc = registry.client(settings)

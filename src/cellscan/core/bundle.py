@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,12 +28,21 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import GlobalView, MapStats, aggregate, anomaly_maps, fuse, raw_maps, smooth
+from cellscan.core.scoring import GlobalView, MapStats, aggregate, anomaly_maps, fuse, maps_key, raw_maps, smooth
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, META_FILE, STATS_FILE, GLOBAL_FILE = "model.keras", "meta.json", "map_stats.npz", "global_view.npz"
 ForwardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+class MapsFn(Protocol):
+    """(x, recon, head prob or None) -> (map, head map or None), built for the score parameters ``key``."""
+
+    key: dict[str, Any]
+
+    def __call__(self, x: np.ndarray, recon: np.ndarray,
+                 prob: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 def _mean_std(v: np.ndarray) -> list[float]:
@@ -74,6 +83,7 @@ class CellscanModel:
         self.stats = stats
         self.global_view = global_view
         self._forward: ForwardFn | None = None
+        self._maps: MapsFn | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -118,6 +128,14 @@ class CellscanModel:
         """Run the networks with another runtime (ONNX, TFLite) instead of Keras: x -> (recon, mask logits or None)."""
         self._forward = fn
 
+    def use_maps(self, fn: MapsFn) -> None:
+        """Compute the maps with another runtime: (x, recon, head prob) -> (map, head map or None).
+
+        ``fn.key`` names the score parameters it was built for (map, normalize, smooth_sigma,
+        head_sigma); scoring with other parameters uses numpy.
+        """
+        self._maps = fn
+
     # -- scoring ----------------------------------------------------------------------------
     def forward(self, x: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
         """Both networks on (N, H, W, C): (reconstruction, head probability (N, H, W) or None)."""
@@ -152,6 +170,11 @@ class CellscanModel:
     def _parts(self, x: np.ndarray, p: ScoreParams) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(reconstruction, reconstruction map, smoothed head map or None)."""
         recon, prob = self.forward(x)
+        key = self._maps.key if self._maps is not None else None
+        if key is not None and key == maps_key(p):
+            rmap, hmap = self._maps(x, recon, prob)  # type: ignore[misc]
+            if (hmap is None) == (prob is None):
+                return recon, rmap, hmap
         rmap = anomaly_maps(x, recon, p, self.stats)
         hmap = None if prob is None else smooth(prob, p.head_sigma)
         return recon, rmap, hmap
