@@ -366,7 +366,8 @@ class Cellscan:
         # The prediction log: written by a background thread after the answer is computed.
         self.plog = LogWriter(PredictionLog.from_settings(self.settings)) if self.settings.prediction_log else None
         self.batcher = Batcher(self.holder, on_batch=self.m_batch.observe,
-                               embed=(lambda res: embed(res.recon, res.maps)) if self.plog else None)
+                               embed=(lambda res: embed(res.recon, res.maps)) if self.plog else None,
+                               workers=2 if self.settings.runtime == "onnx" else 1)
         _SERVICES[:] = [self]
 
     # -- helpers ----------------------------------------------------------------------------

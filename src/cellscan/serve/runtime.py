@@ -107,15 +107,21 @@ class Batcher:
 
     def __init__(self, holder: ModelHolder, max_batch: int = 32, max_latency_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None,
-                 embed: Callable[[Any], np.ndarray] | None = None) -> None:
+                 embed: Callable[[Any], np.ndarray] | None = None, workers: int = 1) -> None:
+        """``workers``: batches scored at once. 1 for Keras (one graph call at a time); ONNX Runtime's
+        session is thread-safe and releases the GIL, so a second worker runs the networks of one
+        batch while the numpy scoring of another goes on."""
         self.holder = holder
         self.max_batch = max_batch
         self.max_latency = max_latency_ms / 1000
         self.on_batch = on_batch
         self.embed = embed  # ScoreResult -> (N, D): each record gets its row as "_embedding" (prediction log)
+        self.workers = max(1, workers)
         self._queue: asyncio.Queue[_Item] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._slots: asyncio.Semaphore | None = None
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="score")
         self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
 
     async def score(self, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray, int]:
         """Score one preprocessed image: (record, anomaly map, model version)."""
@@ -129,7 +135,9 @@ class Batcher:
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.workers)
         while True:
+            await self._slots.acquire()  # gather the next batch only when a worker is free for it
             items = [await self._queue.get()]
             deadline = loop.time() + self.max_latency
             while len(items) < self.max_batch:
@@ -140,15 +148,24 @@ class Batcher:
                     items.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
-            try:
-                results = await loop.run_in_executor(self._executor, self._score_batch, [i.x for i in items])
-                for item, res in zip(items, results, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(res)
-            except Exception as exc:
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            task = loop.create_task(self._dispatch(items))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _dispatch(self, items: list[_Item]) -> None:
+        assert self._slots is not None
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._score_batch, [i.x for i in items])
+            for item, res in zip(items, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(res)
+        except Exception as exc:
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self._slots.release()
 
     def _score_batch(self, xs: list[np.ndarray]) -> list[tuple[dict[str, Any], np.ndarray, int]]:
         model, version = self.holder.current()
