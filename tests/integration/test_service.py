@@ -319,6 +319,39 @@ def test_failed_retrain_keeps_the_champion_serving(served):
         assert c.post("/predict", json={"image_url": _image(served)}).json()["model_version"] == before
 
 
+def test_onnx_runtime_service_gives_the_keras_services_verdicts(served):
+    """CELLSCAN_RUNTIME=onnx: the export is made on demand (with maps.onnx), and under concurrent load
+    (two batches at once) every verdict and score equals the TensorFlow service's."""
+    port = _free_port()
+    log_path = served["root"] / "serve-onnx.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=served["env"] | {"CELLSCAN_RUNTIME": "onnx"}, stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{base}/readyz", proc, log_path, seconds=300)
+        with _client(served) as tf, httpx.Client(base_url=base, timeout=300) as ox:
+            health = ox.get("/health").json()
+            assert health["runtime"] == "onnx" and health["model_version"] == tf.get("/health").json()["model_version"]
+            version = health["model_version"]
+            assert (served["project"] / "exports" / f"v{version}-onnx" / "maps.onnx").is_file()
+            names = [n for n in ("test/good", "test/void", "test/crack", "test/particle") if
+                     (served["project"] / "data/cells" / n).is_dir()]
+            urls = [f"{served['files']}/{p.relative_to(served['project'] / 'data/cells')}"
+                    for n in names for p in sorted((served["project"] / "data/cells" / n).glob("*.png"))[:6]]
+            with ThreadPoolExecutor(8) as pool:  # concurrent: batches form and both ONNX workers score
+                got = list(pool.map(lambda u: ox.post("/predict", json={"image_url": u}).json(), urls))
+            want = [tf.post("/predict", json={"image_url": u}).json() for u in urls]
+        assert len(urls) >= 12 and all(g["model_version"] == version for g in got)
+        assert [g["is_anomaly"] for g in got] == [w["is_anomaly"] for w in want]
+        assert max(abs(g["anomaly_score"] - w["anomaly_score"]) for g, w in zip(got, want, strict=True)) < 1e-3
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
 def _prefect(env: dict[str, str], *args: str, log=subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), *args], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
