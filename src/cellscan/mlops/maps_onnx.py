@@ -9,10 +9,9 @@ and two Gaussian smoothings, in scipy. This graph computes the same two maps in 
 Gaussian filters are separable, with scipy's kernel (``truncate=3.5``) and scipy's ``reflect`` border
 (``d c b a | a b c d``): banded matrices with the border folded in, or reflected edges and depthwise
 convolutions on long axes. The maps equal scipy's to float32 rounding; the export's parity check
-compares them. The graph is built
-for one set of score parameters (the version's); :class:`cellscan.core.bundle.CellscanModel` falls back
-to numpy for any other. Image scores, fusion and the whole-image view stay in numpy (a few values
-per image).
+compares them. The graph is built for one set of score parameters (the version's);
+:class:`cellscan.core.bundle.CellscanModel` falls back to numpy for any other. Image scores, fusion
+and the whole-image view stay in numpy (a few values per image).
 """
 
 from __future__ import annotations
