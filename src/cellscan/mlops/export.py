@@ -33,6 +33,7 @@ from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult
 from cellscan.core.scoring import maps_key
 from cellscan.edge import EXPORT_INFO, MODEL_FILES, PARITY_FILE, load_export, read_info
 from cellscan.errors import ConfigError, DatasetError, ModelError, ParityError
+from cellscan.mlops import maps_onnx
 
 if TYPE_CHECKING:
     from cellscan.settings import Settings
@@ -238,15 +239,14 @@ def export_model(
                 "input_shape": [h, w, model.channels], "working_shape": list(model.shape), "converter": converter,
                 "source": source, "source_version": source_version, "cellscan_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if fmt == "onnx" and model.score_params.map in ("l2", "ssim", "l2_ssim"):
+        if fmt == "onnx" and model.score_params.map in maps_onnx.KINDS:
             # The numpy maps after the networks as a second graph (onnxruntime runs it in a fraction of
             # scipy's time); the parity check below covers it.
             import onnx
 
-            from cellscan.mlops.maps_onnx import build_maps_graph
-
-            onnx.save(build_maps_graph(model.shape, model.channels, model.score_params, model.stats, model.has_head,
-                                       OPSET), str(work / MAPS_FILE))
+            graph = maps_onnx.build_maps_graph(model.shape, model.channels, model.score_params, model.stats,
+                                               model.has_head, OPSET)
+            onnx.save(graph, str(work / MAPS_FILE))
             info |= {"maps_file": MAPS_FILE, "maps_key": maps_key(model.score_params)}
         (work / EXPORT_INFO).write_text(json.dumps(info, indent=2))
         exported = load_export(work)
@@ -320,8 +320,8 @@ def _matches(directory: Path, version: int, threshold: float) -> bool:
     except (ModelError, OSError, ValueError, KeyError):
         return False
     # ONNX exports made before maps.onnx existed are made again: the maps graph is most of its speed.
-    maps_ok = info.get("format") != "onnx" or bool(info.get("maps_file")) or meta["score"]["map"] not in (
-        "l2", "ssim", "l2_ssim")
+    maps_ok = (info.get("format") != "onnx" or bool(info.get("maps_file"))
+               or meta["score"]["map"] not in maps_onnx.KINDS)
     return (info.get("source_version") == version and float(meta["threshold"]) == threshold
             and bool(parity.get("ok")) and maps_ok)
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 _TRUNCATE = 3.5  # as cellscan.core.scoring._blur
 _C1, _C2 = 0.01**2, 0.03**2
 _SSIM_SIGMA = 1.5
+KINDS = ("l2", "ssim", "l2_ssim")  # score.map values the graph computes
 DENSE_MAX = 192  # longest axis blurred by a dense banded MatMul (see _Graph.blur)
 
 
@@ -125,7 +126,7 @@ def build_maps_graph(shape: tuple[int, int], channels: int, p: ScoreParams, stat
     """The graph computing :func:`~cellscan.core.scoring.anomaly_maps` and the smoothed head map."""
     from onnx import TensorProto, helper
 
-    if p.map not in ("l2", "ssim", "l2_ssim"):
+    if p.map not in KINDS:
         msg = f"no ONNX graph for map {p.map!r}"
         raise ValueError(msg)
     g = _Graph()
