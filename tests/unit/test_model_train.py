@@ -156,3 +156,46 @@ def test_global_view_changes_the_score_and_can_be_switched_off(trained, dataset_
     without = model.score_arrays(x, replace(model.score_params, global_side=0)).scores
     expected = (model.global_view.scores(x) - model.meta["fusion"]["global"][0]) / model.meta["fusion"]["global"][1]
     np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_dir, tmp_path):
+    """The window bank's score is standardised on hold-out normals and added; saved and loaded with the model.
+
+    The session's synthetic slices are 48 px, under ``PatchView.MIN_SIDE``: training leaves the view out,
+    so here it is fitted by hand on the training normals.
+    """
+    from dataclasses import replace
+
+    from cellscan.core.scoring import PatchView
+
+    model = trained.model
+    assert model.patch_view is None and not PatchView.usable(model.shape)
+    normals = np.stack([model.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
+    m = CellscanModel(model.keras_model, json.loads(json.dumps(model.meta)), model.stats, model.global_view,
+                      PatchView.fit(normals[:-8], side=128))
+    m.fit_stats(normals[-8:])
+    mean, std = m.meta["fusion"]["patch"]
+    assert std > 0
+    x = np.stack([m.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
+    with_view = m.score_arrays(x).scores
+    without = m.score_arrays(x, replace(m.score_params, patch_side=0)).scores
+    np.testing.assert_allclose(with_view - without, (m.patch_view.scores(x) - mean) / std, rtol=1e-4, atol=1e-4)
+    loaded = CellscanModel.load_dir(m.save(tmp_path / "with-patches"))
+    assert (tmp_path / "with-patches" / "patch_view.npz").is_file()
+    np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_view_finds_a_small_pore_on_a_bright_or_dark_image():
+    """Local contrast equalisation: a darker normal image is not an anomaly, a 3-pixel pore on it is."""
+    from cellscan.core.scoring import PatchView
+
+    rng = np.random.default_rng(1)
+    texture = lambda n: ndimage.gaussian_filter(rng.standard_normal((n, 96, 96)), (0, 0.8, 3.0))[..., None]
+    normals = (0.5 + 0.08 * texture(30)).astype(np.float32)
+    view = PatchView.fit(normals, side=96)
+    dark = (0.2 + 0.03 * texture(4)).astype(np.float32)
+    pore = dark.copy()
+    pore[:, 40:43, 50:53] = 0.02
+    s_normal, s_dark, s_pore = (view.scores(a) for a in (normals[:4], dark, pore))
+    assert s_dark.max() < 1.5 * s_normal.max()
+    assert s_pore.min() > s_dark.max()

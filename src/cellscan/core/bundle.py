@@ -6,6 +6,7 @@ Layout::
     <dir>/meta.json        working size, channels, threshold, score params, fusion statistics, params, version
     <dir>/map_stats.npz    per-pixel mean/spread of normal error maps (the map's standardisation)
     <dir>/global_view.npz  the whole-image view's mean and principal components (absent in older models)
+    <dir>/patch_view.npz   the window bank of normal images (absent in older models and for small images)
 
 Saving writes to a sibling temporary folder and renames it into place, so a crash never leaves a
 half-written model where a complete one was.
@@ -28,11 +29,12 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import GlobalView, MapStats, aggregate, anomaly_maps, fuse, maps_key, raw_maps, smooth
+from cellscan.core.scoring import GlobalView, MapStats, PatchView, aggregate, anomaly_maps, fuse, maps_key, raw_maps, smooth
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, META_FILE, STATS_FILE, GLOBAL_FILE = "model.keras", "meta.json", "map_stats.npz", "global_view.npz"
+PATCH_FILE = "patch_view.npz"
 ForwardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
@@ -77,11 +79,12 @@ class CellscanModel:
     """The networks with their working size, threshold, score configuration and map statistics."""
 
     def __init__(self, keras_model: Any, meta: dict[str, Any], stats: MapStats | None = None,
-                 global_view: GlobalView | None = None) -> None:
+                 global_view: GlobalView | None = None, patch_view: PatchView | None = None) -> None:
         self.keras_model = keras_model
         self.meta = meta
         self.stats = stats
         self.global_view = global_view
+        self.patch_view = patch_view
         self._forward: ForwardFn | None = None
         self._maps: MapsFn | None = None
 
@@ -117,12 +120,12 @@ class CellscanModel:
         """A copy whose metadata carries a new threshold (and any extra metadata)."""
         meta = json.loads(json.dumps(self.meta)) | extra
         meta["threshold"] = float(threshold)
-        return CellscanModel(self.keras_model, meta, self.stats, self.global_view)
+        return CellscanModel(self.keras_model, meta, self.stats, self.global_view, self.patch_view)
 
     def with_score_params(self, p: ScoreParams) -> CellscanModel:
         meta = json.loads(json.dumps(self.meta))
         meta["score"] = asdict(p)
-        return CellscanModel(self.keras_model, meta, self.stats, self.global_view)
+        return CellscanModel(self.keras_model, meta, self.stats, self.global_view, self.patch_view)
 
     def use_backend(self, fn: ForwardFn) -> None:
         """Run the networks with another runtime (ONNX, TFLite) instead of Keras: x -> (recon, mask logits or None)."""
@@ -191,7 +194,8 @@ class CellscanModel:
         hmap = None if parts[0][2] is None else np.concatenate([h for _, _, h in parts])
         rscore = aggregate(rmap, p.aggregation, p.topk)
         gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
-        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore)
+        pscore = self.patch_view.scores(x) if self.patch_view is not None and p.patch_side else None
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -210,9 +214,15 @@ class CellscanModel:
         return self.score_arrays(x)
 
     def fit_global(self, normals: np.ndarray) -> None:
-        """Fit the whole-image view on normal images (the training images; none when ``global_side`` is 0)."""
-        side = self.score_params.global_side
-        self.global_view = GlobalView.fit(normals, side) if side and len(normals) > 1 else None
+        """Fit the whole-image and patch views on normal images (the training images).
+
+        None when ``global_side`` / ``patch_side`` is 0; no patch view for working sizes under
+        ``PatchView.MIN_SIDE``.
+        """
+        p = self.score_params
+        self.global_view = GlobalView.fit(normals, p.global_side) if p.global_side and len(normals) > 1 else None
+        use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3])
+        self.patch_view = PatchView.fit(normals, p.patch_side) if use_patch else None
 
     def fit_stats(self, holdout: np.ndarray) -> None:
         """Standardise maps and scores by what normal hold-out images (not seen in fitting) show."""
@@ -225,6 +235,8 @@ class CellscanModel:
             fusion["head"] = _mean_std(smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1))
         if self.global_view is not None:
             fusion["global"] = _mean_std(self.global_view.scores(holdout))
+        if self.patch_view is not None:
+            fusion["patch"] = _mean_std(self.patch_view.scores(holdout))
         self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------
@@ -241,6 +253,8 @@ class CellscanModel:
                 np.savez(tmp / STATS_FILE, **self.stats.to_arrays())
             if self.global_view is not None:
                 np.savez(tmp / GLOBAL_FILE, **self.global_view.to_arrays())
+            if self.patch_view is not None:
+                np.savez(tmp / PATCH_FILE, **self.patch_view.to_arrays())
             if directory.exists():
                 old = directory.with_name(f".{directory.name}-old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -291,7 +305,11 @@ class CellscanModel:
         if (directory / GLOBAL_FILE).is_file():
             with np.load(directory / GLOBAL_FILE) as z:
                 view = GlobalView.from_arrays({k: z[k] for k in z.files})
-        return cls(model, meta, stats, view)
+        patches = None
+        if (directory / PATCH_FILE).is_file():
+            with np.load(directory / PATCH_FILE) as z:
+                patches = PatchView.from_arrays({k: z[k] for k in z.files})
+        return cls(model, meta, stats, view, patches)
 
     def describe(self) -> dict[str, Any]:
         keep = ("input_shape", "channels", "threshold", "score", "metrics", "data_hash", "cellscan_version")

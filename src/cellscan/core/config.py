@@ -132,6 +132,7 @@ class ScoreParams:
     fusion: Fusion = "sum"  # image score: sum of standardised head and reconstruction scores, or one of them
     head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
+    patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
@@ -152,6 +153,8 @@ class ScoreParams:
         _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
         _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)
+        _check(self.patch_side == 0 or 16 <= self.patch_side <= 1024, "score.patch_side", "0 or in [16, 1024]",
+               self.patch_side)
 
 
 GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")

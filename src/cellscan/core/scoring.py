@@ -9,6 +9,10 @@ share of pixels.
 The networks see local windows; what is wrong with a whole image (a shifted electrode stack, a shape
 that is another shape) shows in :class:`GlobalView`: the image brought down to a few hundred pixels and
 projected on the principal components of the training normals; its residual is a third image score.
+
+Small defects that the reconstruction copies (a pore, a hairline crack in a textured tile) show in
+:class:`PatchView`: small windows of the contrast-normalised image compared with a memory bank of
+windows from the training normals; the distance to the nearest one, at the worst place, is a fourth.
 """
 
 from __future__ import annotations
@@ -176,6 +180,105 @@ class GlobalView:
         return cls(a["mean"], a["components"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
 
 
+class PatchView:
+    """Windows of the image against the nearest windows of normal images (a memory bank, no pretraining).
+
+    The image is brought to a long side of ``side`` pixels (at most its own), grayscale; its slow
+    brightness changes are removed (minus a Gaussian blur, sigma ``HIGHPASS``) and its local contrast
+    is equalised (divided by the local RMS, sigma ``CONTRAST``), so that a bright and a dark normal image
+    look alike and a dark pore looks the same on either. Windows of ``PATCH`` pixels every ``STRIDE``
+    pixels, minus their own mean, are projected on their first ``COMPONENTS`` principal components; the
+    bank keeps ``BANK`` windows of the training normals. A window's score is the distance to its nearest
+    bank window; the image score is the maximum of that grid after a small smoothing.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> normals = (0.5 + 0.05 * rng.standard_normal((12, 32, 32, 1))).astype(np.float32)
+        >>> v = PatchView.fit(normals, side=32)
+        >>> pore = normals[:2].copy(); pore[1, 12:16, 12:16] = 0.0   # a dark 4-pixel pore in image 1
+        >>> s = v.scores(pore)
+        >>> bool(s[1] > 1.5 * s[0])
+        True
+    """
+
+    PATCH, STRIDE, COMPONENTS, BANK, HIGHPASS, CONTRAST, EPS = 8, 2, 16, 4096, 8.0, 16.0, 0.02
+    MIN_SIDE = 64  # smaller working images (digits, thumbnails): an 8-pixel window is most of the object
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray, shape: tuple[int, int]) -> None:
+        self.mean, self.components, self.bank = mean, components, bank
+        self.shape = (int(shape[0]), int(shape[1]))
+        self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        from cellscan.core.images import resize
+
+        g = x.mean(axis=-1) if x.ndim == 4 else x
+        if g.shape[1:3] != self.shape:
+            g = np.stack([resize(a[..., None], self.shape)[..., 0] for a in g])
+        g = g.astype(np.float32)
+        hp = g - ndimage.gaussian_filter(g, (0, self.HIGHPASS, self.HIGHPASS), mode="reflect")
+        rms = np.sqrt(ndimage.gaussian_filter(hp * hp, (0, self.CONTRAST, self.CONTRAST), mode="reflect"))
+        return hp / (rms + self.EPS)
+
+    @classmethod
+    def _windows(cls, a: np.ndarray) -> np.ndarray:
+        """(H, W) -> (h, w, PATCH * PATCH) windows minus their own mean."""
+        w = np.lib.stride_tricks.sliding_window_view(a, (cls.PATCH, cls.PATCH))[:: cls.STRIDE, :: cls.STRIDE]
+        w = w.reshape(*w.shape[:2], -1)
+        return w - w.mean(axis=-1, keepdims=True)
+
+    @classmethod
+    def usable(cls, shape: tuple[int, int]) -> bool:
+        return min(shape) >= cls.MIN_SIDE
+
+    @classmethod
+    def fit(cls, x: np.ndarray, side: int = 128, seed: int = 0) -> PatchView:
+        """Fit on normal images (N, H, W, C): principal components of their windows, and the bank."""
+        shape = GlobalView.small_shape(x.shape[1:3], side)
+        view = cls(np.zeros(0, np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), shape)
+        rng = np.random.default_rng(seed)
+        per = max(1, -(-4 * cls.BANK // len(x)))
+        sample = []
+        for a in view._prep(x):
+            w = cls._windows(a).reshape(-1, cls.PATCH * cls.PATCH)
+            sample.append(w[rng.choice(len(w), min(per, len(w)), replace=False)])
+        flat = np.concatenate(sample).astype(np.float64)
+        view.mean = flat.mean(axis=0).astype(np.float32)
+        _, _, vt = np.linalg.svd(flat - view.mean, full_matrices=False)
+        view.components = vt[: cls.COMPONENTS].astype(np.float32)
+        keep = flat[rng.choice(len(flat), min(cls.BANK, len(flat)), replace=False)].astype(np.float32)
+        return cls(view.mean, view.components, (keep - view.mean) @ view.components.T, shape)
+
+    def grid(self, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Nearest-bank distances of every window: (N, h, w)."""
+        out = []
+        bank_t = np.ascontiguousarray(self.bank.T)
+        for a in self._prep(x):
+            w = self._windows(a)
+            q = (w.reshape(-1, w.shape[-1]) - self.mean) @ self.components.T
+            d = np.empty(len(q), np.float32)
+            for i in range(0, len(q), chunk):
+                qi = q[i : i + chunk]
+                m = qi @ bank_t
+                m *= -2.0
+                m += self._bank_sq
+                d[i : i + chunk] = m.min(axis=1) + (qi * qi).sum(axis=1)
+            out.append(np.sqrt(np.maximum(d, 0.0)).reshape(w.shape[:2]))
+        return np.stack(out) if out else np.zeros((0, 1, 1), np.float32)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """The image score (N,): the largest window distance after a Gaussian smoothing (sigma 1 window)."""
+        g = ndimage.gaussian_filter(self.grid(x), (0, 1.0, 1.0), mode="reflect")
+        return g.reshape(len(g), -1).max(axis=1).astype(np.float32)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "components": self.components, "bank": self.bank, "shape": np.array(self.shape)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> PatchView:
+        return cls(a["mean"], a["components"], a["bank"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
+
+
 def fuse(
     recon_scores: np.ndarray,
     recon_maps: np.ndarray,
@@ -183,13 +286,15 @@ def fuse(
     fusion: str,
     stats: dict[str, list[float]],
     global_scores: np.ndarray | None = None,
+    patch_scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
     ``sum`` adds the parts after standardising each by its mean and spread on normal hold-out images
     (``stats``: ``{"recon": [mean, std], "head": [mean, std], "global": [mean, std]}``); the head's image
-    score is the maximum of its smoothed map, the global part's the residual of :class:`GlobalView`
-    (image score only: the pixel map sums the reconstruction and head maps). ``head`` or ``recon`` use
+    score is the maximum of its smoothed map, the global part's the residual of :class:`GlobalView`,
+    the patch part's the worst window distance of :class:`PatchView` (these two are image scores only:
+    the pixel map sums the reconstruction and head maps). ``head`` or ``recon`` use
     one part alone. A part without statistics is left out; with none, the reconstruction part is used
     as it is.
 
@@ -210,7 +315,8 @@ def fuse(
         return recon_scores, recon_maps
     use_head = head_maps is not None and "head" in stats
     use_global = global_scores is not None and "global" in stats
-    if not (use_head or use_global):
+    use_patch = patch_scores is not None and "patch" in stats
+    if not (use_head or use_global or use_patch):
         return recon_scores, recon_maps
     mr, sr = stats["recon"]
     scores = (recon_scores - mr) / sr
@@ -222,6 +328,9 @@ def fuse(
     if use_global:
         mg, sg = stats["global"]
         scores = scores + (global_scores - mg) / sg
+    if use_patch:
+        mp, sp = stats["patch"]
+        scores = scores + (patch_scores - mp) / sp
     return scores.astype(np.float32), maps.astype(np.float32)
 
 
