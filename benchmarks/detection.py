@@ -68,6 +68,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "native_recon_only": {"model.head_filters": 0, "score.fusion": "recon"},
     "head_at_64px": {"data.image_size": 64},
     "no_global_view": {"score.global_side": 0},
+    "no_patch_view": {"score.patch_side": 0},
 }
 
 
@@ -129,6 +130,8 @@ def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
             out["head_pixel_auroc"] = pixel_auroc(hmap, masks)
     if model.global_view is not None:
         out["global_image_auroc"] = _auroc(labels, model.global_view.scores(x))
+    if model.patch_view is not None:
+        out["patch_image_auroc"] = _auroc(labels, model.patch_view.scores(x))
     return out
 
 

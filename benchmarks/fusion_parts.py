@@ -1,5 +1,5 @@
 """Fusion experiment: train one model per category (cached), then the image AUROC of each part alone
-(reconstruction, head, whole-image PCA residual at 16 and 32 px) and of their fusions (z-sum, max).
+(reconstruction, head, whole-image PCA residual at 16 and 32 px, patch view) and of their fusions (z-sum, max).
 
     python benchmarks/fusion_parts.py CATEGORY_DIR ['{"train.epochs": 12}'] [TAG]
 
@@ -16,7 +16,7 @@ from cellscan.core.bundle import CellscanModel
 from cellscan.core.config import load_params
 from cellscan.core.data import load_dataset
 from cellscan.core.images import load_batch, resize
-from cellscan.core.scoring import aggregate, anomaly_maps, smooth
+from cellscan.core.scoring import PatchView, aggregate, anomaly_maps, smooth
 from cellscan.core.train import fit_model
 
 cat, over = Path(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
@@ -66,6 +66,13 @@ for side in (16, 32):
     res[f"r+h+g{side}"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge, gh))
     res[f"r+g{side}"] = roc_auc_score(labels, z(re, rh) + z(ge, gh))
     res[f"max(rhg{side})"] = roc_auc_score(labels, np.maximum.reduce([z(re, rh), z(he, hh), z(ge, gh)]))
+if p.score.patch_side and PatchView.usable(shape):
+    # The patch view as training fits it (on the fitting images), so cached models made before it get it too.
+    view = PatchView.fit(xf, p.score.patch_side)
+    ph, pe = view.scores(xh), view.scores(xe)
+    gh, ge, _ = pca_scores(16)
+    res["patch"] = roc_auc_score(labels, pe)
+    res["r+h+g16+p"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge, gh) + z(pe, ph))
 print(cat.name, tag, shape, {k: round(v, 3) for k, v in res.items()}, flush=True)
 with open(Path(__file__).resolve().parent / "results" / "fusion_parts.jsonl", "a") as f:
     f.write(json.dumps({"cat": cat.name, "tag": tag, **res}) + "\n")
