@@ -179,7 +179,8 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
     x = np.stack([m.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
     with_view = m.score_arrays(x).scores
     without = m.score_arrays(x, replace(m.score_params, patch_side=0)).scores
-    np.testing.assert_allclose(with_view - without, (m.patch_view.scores(x) - mean) / std, rtol=1e-4, atol=1e-4)
+    expected = (m.patch_view.scores(x) - mean) / std
+    np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-patches"))
     assert (tmp_path / "with-patches" / "patch_view.npz").is_file()
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,8 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import GlobalView, MapStats, PatchView, aggregate, anomaly_maps, fuse, maps_key, raw_maps, smooth
+from cellscan.core.scoring import (GlobalView, MapStats, PatchView, aggregate, anomaly_maps, fuse, maps_key, raw_maps,
+                                   smooth)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ class CellscanModel:
         ``PatchView.MIN_SIDE``.
         """
         p = self.score_params
-        self.global_view = GlobalView.fit(normals, p.global_side) if p.global_side and len(normals) > 1 else None
+        use_global = p.global_side and len(normals) > 1
+        self.global_view = GlobalView.fit(normals, p.global_side) if use_global else None
         use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3])
         self.patch_view = PatchView.fit(normals, p.patch_side) if use_patch else None
 

@@ -153,8 +153,8 @@ class ScoreParams:
         _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
         _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)
-        _check(self.patch_side == 0 or 16 <= self.patch_side <= 1024, "score.patch_side", "0 or in [16, 1024]",
-               self.patch_side)
+        patch_ok = self.patch_side == 0 or 16 <= self.patch_side <= 1024
+        _check(patch_ok, "score.patch_side", "0 or in [16, 1024]", self.patch_side)
 
 
 GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")

@@ -204,7 +204,8 @@ class PatchView:
     PATCH, STRIDE, COMPONENTS, BANK, HIGHPASS, CONTRAST, EPS = 8, 2, 16, 4096, 8.0, 16.0, 0.02
     MIN_SIDE = 64  # smaller working images (digits, thumbnails): an 8-pixel window is most of the object
 
-    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray, shape: tuple[int, int]) -> None:
+    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray,
+                 shape: tuple[int, int]) -> None:
         self.mean, self.components, self.bank = mean, components, bank
         self.shape = (int(shape[0]), int(shape[1]))
         self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
@@ -272,11 +273,13 @@ class PatchView:
         return g.reshape(len(g), -1).max(axis=1).astype(np.float32)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "components": self.components, "bank": self.bank, "shape": np.array(self.shape)}
+        return {"mean": self.mean, "components": self.components, "bank": self.bank,
+                "shape": np.array(self.shape)}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> PatchView:
-        return cls(a["mean"], a["components"], a["bank"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
+        shape = (int(a["shape"][0]), int(a["shape"][1]))
+        return cls(a["mean"], a["components"], a["bank"], shape)
 
 
 def fuse(
