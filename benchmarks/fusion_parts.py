@@ -66,7 +66,7 @@ for side in (16, 32):
     res[f"r+h+g{side}"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge, gh))
     res[f"r+g{side}"] = roc_auc_score(labels, z(re, rh) + z(ge, gh))
     res[f"max(rhg{side})"] = roc_auc_score(labels, np.maximum.reduce([z(re, rh), z(he, hh), z(ge, gh)]))
-if p.score.patch_side and PatchView.usable(shape):
+if p.score.patch_side and PatchView.usable(shape, p.score.patch_side):
     # The patch view as training fits it (on the fitting images), so cached models made before it get it too.
     view = PatchView.fit(xf, p.score.patch_side)
     ph, pe = view.scores(xh), view.scores(xe)

@@ -186,6 +186,15 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_view_is_left_out_where_its_windows_would_not_fit():
+    from cellscan.core.scoring import PatchView
+
+    assert PatchView.usable((256, 256)) and PatchView.usable((64, 64))
+    assert not PatchView.usable((28, 28))  # digits: a window is most of the object
+    assert not PatchView.usable((64, 2048))  # at 128 px on the long side it would be 4 px high
+    assert PatchView.usable((64, 2048), side=1024)
+
+
 def test_patch_view_finds_a_small_pore_on_a_bright_or_dark_image():
     """Local contrast equalisation: a darker normal image is not an anomaly, a 3-pixel pore on it is."""
     from cellscan.core.scoring import PatchView

@@ -223,7 +223,7 @@ class CellscanModel:
         p = self.score_params
         use_global = p.global_side and len(normals) > 1
         self.global_view = GlobalView.fit(normals, p.global_side) if use_global else None
-        use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3])
+        use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3], p.patch_side)
         self.patch_view = PatchView.fit(normals, p.patch_side) if use_patch else None
 
     def fit_stats(self, holdout: np.ndarray) -> None:

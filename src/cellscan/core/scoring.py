@@ -229,8 +229,10 @@ class PatchView:
         return w - w.mean(axis=-1, keepdims=True)
 
     @classmethod
-    def usable(cls, shape: tuple[int, int]) -> bool:
-        return min(shape) >= cls.MIN_SIDE
+    def usable(cls, shape: tuple[int, int], side: int = 128) -> bool:
+        """Whether a working size gets a patch view: its short side at least ``MIN_SIDE`` and, brought to
+        ``side``, still two windows high (a very long, thin image would leave none)."""
+        return min(shape) >= cls.MIN_SIDE and min(GlobalView.small_shape(shape, side)) >= 2 * cls.PATCH
 
     @classmethod
     def fit(cls, x: np.ndarray, side: int = 128, seed: int = 0) -> PatchView:
