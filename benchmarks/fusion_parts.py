@@ -70,9 +70,8 @@ if p.score.patch_side and PatchView.usable(shape, p.score.patch_side):
     # The patch view as training fits it (on the fitting images), so cached models made before it get it too.
     view = PatchView.fit(xf, p.score.patch_side)
     ph, pe = view.scores(xh), view.scores(xe)
-    gh, ge, _ = pca_scores(16)
     res["patch"] = roc_auc_score(labels, pe)
-    res["r+h+g16+p"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge, gh) + z(pe, ph))
+    res["r+h+g16+p"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge16, gh16) + z(pe, ph))
 print(cat.name, tag, shape, {k: round(v, 3) for k, v in res.items()}, flush=True)
 with open(Path(__file__).resolve().parent / "results" / "fusion_parts.jsonl", "a") as f:
     f.write(json.dumps({"cat": cat.name, "tag": tag, **res}) + "\n")

@@ -330,12 +330,10 @@ def fuse(
         mh, sh = stats["head"]
         scores = scores + (head_scores - mh) / sh
         maps = maps + (head_maps - mh) / sh
-    if use_global:
-        mg, sg = stats["global"]
-        scores = scores + (global_scores - mg) / sg
-    if use_patch:
-        mp, sp = stats["patch"]
-        scores = scores + (patch_scores - mp) / sp
+    for name, part in (("global", global_scores), ("patch", patch_scores)):  # image scores only
+        if part is not None and name in stats:
+            m, sd = stats[name]
+            scores = scores + (part - m) / sd
     return scores.astype(np.float32), maps.astype(np.float32)
 
 
