@@ -145,6 +145,38 @@ def test_fusion_standardises_both_parts():
     np.testing.assert_array_equal(no_head, recon_scores)
 
 
+def test_views_fusion_gives_the_network_one_vote_and_old_bundles_keep_sum(trained, dataset_dir):
+    """``views`` averages the reconstruction and head scores, then adds the image views; a bundle
+    whose saved score parameters say ``sum`` (trained before ``views``) scores as it did."""
+    from dataclasses import replace
+
+    from cellscan.core.scoring import fuse
+
+    recon = np.array([0.0, 2.0])
+    head = np.zeros((2, 3, 3), np.float32)
+    head[1, 1, 1] = 4.0
+    stats = {"recon": [0.0, 1.0], "head": [0.0, 1.0], "global": [0.0, 1.0]}
+    glob = np.array([0.0, 3.0])
+    s_views, m_views = fuse(recon, np.zeros((2, 3, 3)), head, "views", stats, glob)
+    s_sum, m_sum = fuse(recon, np.zeros((2, 3, 3)), head, "sum", stats, glob)
+    np.testing.assert_allclose(s_views, [0.0, (2.0 + 4.0) / 2 + 3.0])
+    np.testing.assert_allclose(s_sum, [0.0, 2.0 + 4.0 + 3.0])
+    np.testing.assert_allclose(m_views, m_sum / 2)  # the map: the network's two maps averaged
+
+    model = trained.model
+    assert model.score_params.fusion == "views"  # the default for new models
+    x = np.stack([model.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
+    views = model.score_arrays(x).scores
+    old = model.with_score_params(replace(model.score_params, fusion="sum")).score_arrays(x).scores
+    st = model.meta["fusion"]
+    _, rmap, hmap = model._parts(x, model.score_params)
+    from cellscan.core.scoring import aggregate
+
+    net = (aggregate(rmap, model.score_params.aggregation, model.score_params.topk) - st["recon"][0]) / st["recon"][1] + (
+        hmap.reshape(len(x), -1).max(axis=1) - st["head"][0]) / st["head"][1]
+    np.testing.assert_allclose(old - views, net / 2, rtol=1e-4, atol=1e-4)
+
+
 def test_global_view_changes_the_score_and_can_be_switched_off(trained, dataset_dir):
     """The whole-image view is part of the fused score; global_side 0 leaves the two network parts."""
     from dataclasses import replace

@@ -19,8 +19,8 @@ MapKind = Literal["l2", "ssim", "l2_ssim"]
 Aggregation = Literal["mean", "max", "topk_mean"]
 MAP_KINDS: tuple[str, ...] = ("l2", "ssim", "l2_ssim")
 AGGREGATIONS: tuple[str, ...] = ("mean", "max", "topk_mean")
-Fusion = Literal["sum", "head", "recon"]
-FUSIONS: tuple[str, ...] = ("sum", "head", "recon")
+Fusion = Literal["views", "sum", "head", "recon"]
+FUSIONS: tuple[str, ...] = ("views", "sum", "head", "recon")
 
 
 def _check(cond: bool, key: str, expected: str, got: object) -> None:
@@ -129,7 +129,9 @@ class ScoreParams:
     smooth_sigma: float = 2.0
     threshold_quantile: float = 0.99
     normalize: bool = True
-    fusion: Fusion = "sum"  # image score: sum of standardised head and reconstruction scores, or one of them
+    # image score: the network's two standardised scores averaged plus each image view (views), all parts
+    # summed (sum, models trained before views), or one network part alone
+    fusion: Fusion = "views"
     head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)

@@ -295,28 +295,32 @@ def fuse(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
-    ``sum`` adds the parts after standardising each by its mean and spread on normal hold-out images
-    (``stats``: ``{"recon": [mean, std], "head": [mean, std], "global": [mean, std]}``); the head's image
-    score is the maximum of its smoothed map, the global part's the residual of :class:`GlobalView`,
-    the patch part's the worst window distance of :class:`PatchView` (these two are image scores only:
-    the pixel map sums the reconstruction and head maps). ``head`` or ``recon`` use
-    one part alone. A part without statistics is left out; with none, the reconstruction part is used
-    as it is.
+    Each part is first standardised by its mean and spread on normal hold-out images (``stats``:
+    ``{"recon": [mean, std], "head": [mean, std], "global": [...], "patch": [...]}``): the
+    reconstruction score, the head's score (the maximum of its smoothed map), the residual of
+    :class:`GlobalView` and the worst window distance of :class:`PatchView` (these two are image scores
+    only; the pixel map comes from the reconstruction and head maps).
+
+    ``views`` (the default) gives each view of the image one vote: the network's two readings of one
+    reconstruction (its error and the head that compares image and reconstruction) are averaged, then
+    the whole-image and patch scores are added. ``sum`` adds all four (models trained before ``views``
+    keep it, so their thresholds stay valid). ``head`` or ``recon`` use one part alone. A part without
+    statistics is left out; with none, the reconstruction part is used as it is.
 
     Example:
         >>> r, h = np.array([1.0, 3.0]), np.zeros((2, 2, 2)); h[1, 0, 0] = 0.9
-        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", {"recon": [1.0, 1.0], "head": [0.0, 0.1]})
+        >>> st = {"recon": [1.0, 1.0], "head": [0.0, 0.1]}
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", st)
         >>> [round(float(v), 6) for v in s]   # (r - 1) / 1 + (max h - 0) / 0.1
         [0.0, 11.0]
-        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", {"recon": [1.0, 1.0], "head": [0.0, 0.1],
-        ...             "global": [2.0, 0.5]}, global_scores=np.array([2.0, 3.0]))
-        >>> [round(float(v), 6) for v in s]   # + (g - 2) / 0.5
-        [0.0, 13.0]
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, global_scores=np.array([2.0, 3.0]))
+        >>> [round(float(v), 6) for v in s]   # ((r - 1) / 1 + (max h - 0) / 0.1) / 2 + (g - 2) / 0.5
+        [0.0, 7.5]
     """
     head_scores = None if head_maps is None else head_maps.reshape(len(head_maps), -1).max(axis=1)
     if fusion == "head" and head_maps is not None:
         return head_scores, head_maps  # type: ignore[return-value]
-    if fusion != "sum" or "recon" not in stats:
+    if fusion not in ("views", "sum") or "recon" not in stats:
         return recon_scores, recon_maps
     use_head = head_maps is not None and "head" in stats
     use_global = global_scores is not None and "global" in stats
@@ -330,6 +334,8 @@ def fuse(
         mh, sh = stats["head"]
         scores = scores + (head_scores - mh) / sh
         maps = maps + (head_maps - mh) / sh
+        if fusion == "views":  # one vote for the network's two readings
+            scores, maps = scores / 2, maps / 2
     for name, part in (("global", global_scores), ("patch", patch_scores)):  # image scores only
         if part is not None and name in stats:
             m, sd = stats[name]
