@@ -313,7 +313,8 @@ def fuse(
         >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "sum", st)
         >>> [round(float(v), 6) for v in s]   # (r - 1) / 1 + (max h - 0) / 0.1
         [0.0, 11.0]
-        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, global_scores=np.array([2.0, 3.0]))
+        >>> g = np.array([2.0, 3.0])
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, global_scores=g)
         >>> [round(float(v), 6) for v in s]   # ((r - 1) / 1 + (max h - 0) / 0.1) / 2 + (g - 2) / 0.5
         [0.0, 7.5]
     """
