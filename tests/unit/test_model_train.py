@@ -150,7 +150,7 @@ def test_views_fusion_gives_the_network_one_vote_and_old_bundles_keep_sum(traine
     whose saved score parameters say ``sum`` (trained before ``views``) scores as it did."""
     from dataclasses import replace
 
-    from cellscan.core.scoring import fuse
+    from cellscan.core.scoring import aggregate, fuse
 
     recon = np.array([0.0, 2.0])
     head = np.zeros((2, 3, 3), np.float32)
@@ -168,12 +168,11 @@ def test_views_fusion_gives_the_network_one_vote_and_old_bundles_keep_sum(traine
     x = np.stack([model.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
     views = model.score_arrays(x).scores
     old = model.with_score_params(replace(model.score_params, fusion="sum")).score_arrays(x).scores
-    st = model.meta["fusion"]
-    _, rmap, hmap = model._parts(x, model.score_params)
-    from cellscan.core.scoring import aggregate
-
-    net = (aggregate(rmap, model.score_params.aggregation, model.score_params.topk) - st["recon"][0]) / st["recon"][1] + (
-        hmap.reshape(len(x), -1).max(axis=1) - st["head"][0]) / st["head"][1]
+    st, p = model.meta["fusion"], model.score_params
+    _, rmap, hmap = model._parts(x, p)
+    r = (aggregate(rmap, p.aggregation, p.topk) - st["recon"][0]) / st["recon"][1]
+    h = (hmap.reshape(len(x), -1).max(axis=1) - st["head"][0]) / st["head"][1]
+    net = r + h
     np.testing.assert_allclose(old - views, net / 2, rtol=1e-4, atol=1e-4)
 
 
