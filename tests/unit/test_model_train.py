@@ -240,3 +240,29 @@ def test_patch_view_finds_a_small_pore_on_a_bright_or_dark_image():
     s_normal, s_dark, s_pore = (view.scores(a) for a in (normals[:4], dark, pore))
     assert s_dark.max() < 1.5 * s_normal.max()
     assert s_pore.min() > s_dark.max()
+
+
+def test_patch_view_weighs_each_place_by_how_much_normals_vary_there():
+    """A busy rim that differs in every normal image is not an anomaly; a faint pore in the calm middle is.
+
+    The raw nearest-window distance ranks them the other way round (the rim's new pattern is far from the
+    bank too): the check that each place is standardised by the training normals' distances there.
+    """
+    from cellscan.core.scoring import PatchView
+
+    rng = np.random.default_rng(1)
+
+    def images(n):
+        a = 0.5 + 0.08 * ndimage.gaussian_filter(rng.standard_normal((n, 96, 96)), (0, 0.8, 3.0))
+        a[:, :, :12] = 0.5 + 1.2 * ndimage.gaussian_filter(rng.standard_normal((n, 96, 12)), (0, 1.0, 1.0))
+        return np.clip(a, 0, 1)[..., None].astype(np.float32)
+
+    view = PatchView.fit(images(30), side=96)
+    new, pore = images(4), images(4)
+    pore[:, 40:43, 50:53] = 0.38
+    assert view.scores(pore).min() > 2 * view.scores(new).max()
+    raw = PatchView(view.mean, view.components, view.bank, view.shape)  # the same bank, no place statistics
+    assert raw.scores(pore).min() < raw.scores(new).max()
+    loaded = PatchView.from_arrays(view.to_arrays())
+    np.testing.assert_allclose(loaded.scores(pore), view.scores(pore), rtol=1e-6)
+    assert raw.scores(new[:0]).shape == (0,)

@@ -6,7 +6,8 @@ Layout::
     <dir>/meta.json        working size, channels, threshold, score params, fusion statistics, params, version
     <dir>/map_stats.npz    per-pixel mean/spread of normal error maps (the map's standardisation)
     <dir>/global_view.npz  the whole-image view's mean and principal components (absent in older models)
-    <dir>/patch_view.npz   the window bank of normal images (absent in older models and for small images)
+    <dir>/patch_view.npz   the window bank of normal images and each place's normal distances (absent in
+                           older models and for small images)
 
 Saving writes to a sibling temporary folder and renames it into place, so a crash never leaves a
 half-written model where a complete one was.

@@ -12,7 +12,8 @@ projected on the principal components of the training normals; its residual is a
 
 Small defects that the reconstruction copies (a pore, a hairline crack in a textured tile) show in
 :class:`PatchView`: small windows of the contrast-normalised image compared with a memory bank of
-windows from the training normals; the distance to the nearest one, at the worst place, is a fourth.
+windows from the training normals; the distance to the nearest one, standardised by what normals show
+at that place, at the worst place, is a fourth.
 """
 
 from __future__ import annotations
@@ -188,8 +189,11 @@ class PatchView:
     is equalised (divided by the local RMS, sigma ``CONTRAST``), so that a bright and a dark normal image
     look alike and a dark pore looks the same on either. Windows of ``PATCH`` pixels every ``STRIDE``
     pixels, minus their own mean, are projected on their first ``COMPONENTS`` principal components; the
-    bank keeps ``BANK`` windows of the training normals. A window's score is the distance to its nearest
-    bank window; the image score is the maximum of that grid after a small smoothing.
+    bank keeps ``BANK`` windows of the training normals. A window's distance is the distance to its
+    nearest bank window. Some places vary more in normal images than others (the edges of a tile, the
+    rim of a weld), so each place's distance is standardised by the mean and spread that training
+    normals show there, each measured against the bank without its own windows; the image score is the
+    largest standardised distance after a small smoothing.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -204,11 +208,15 @@ class PatchView:
     PATCH, STRIDE, COMPONENTS, BANK, HIGHPASS, CONTRAST, EPS = 8, 2, 16, 4096, 8.0, 16.0, 0.02
     MIN_SIDE = 64  # smaller working images (digits, thumbnails): an 8-pixel window is most of the object
 
-    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray,
-                 shape: tuple[int, int]) -> None:
+    POSITION_IMAGES = 512  # training normals that measure each place's normal distances (a random subset)
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray, shape: tuple[int, int],
+                 position: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.mean, self.components, self.bank = mean, components, bank
         self.shape = (int(shape[0]), int(shape[1]))
         self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
+        # each place's (mean, spread) of the smoothed distance on normals; None in models saved before it
+        self.position = position
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
         from cellscan.core.images import resize
@@ -236,52 +244,83 @@ class PatchView:
 
     @classmethod
     def fit(cls, x: np.ndarray, side: int = 128, seed: int = 0) -> PatchView:
-        """Fit on normal images (N, H, W, C): principal components of their windows, and the bank."""
+        """Fit on normal images (N, H, W, C): principal components of their windows, the bank, and the
+        normal distances at each place."""
         shape = GlobalView.small_shape(x.shape[1:3], side)
         view = cls(np.zeros(0, np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), shape)
         rng = np.random.default_rng(seed)
         per = max(1, -(-4 * cls.BANK // len(x)))
-        sample = []
-        for a in view._prep(x):
+        prepped = view._prep(x)
+        sample, source = [], []
+        for i, a in enumerate(prepped):
             w = cls._windows(a).reshape(-1, cls.PATCH * cls.PATCH)
             sample.append(w[rng.choice(len(w), min(per, len(w)), replace=False)])
+            source.append(np.full(len(sample[-1]), i))
         flat = np.concatenate(sample).astype(np.float64)
-        view.mean = flat.mean(axis=0).astype(np.float32)
-        _, _, vt = np.linalg.svd(flat - view.mean, full_matrices=False)
-        view.components = vt[: cls.COMPONENTS].astype(np.float32)
-        keep = flat[rng.choice(len(flat), min(cls.BANK, len(flat)), replace=False)].astype(np.float32)
-        return cls(view.mean, view.components, (keep - view.mean) @ view.components.T, shape)
+        mean = flat.mean(axis=0).astype(np.float32)
+        _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+        components = vt[: cls.COMPONENTS].astype(np.float32)
+        pick = rng.choice(len(flat), min(cls.BANK, len(flat)), replace=False)
+        view = cls(mean, components, (flat[pick].astype(np.float32) - mean) @ components.T, shape)
+        owner = np.concatenate(source)[pick]
+        some = np.sort(rng.choice(len(x), min(cls.POSITION_IMAGES, len(x)), replace=False))
+        grids = np.stack([view._grid_one(prepped[i], skip=owner == i) for i in some])
+        view.position = cls._position_stats(ndimage.gaussian_filter(grids, (0, 1.0, 1.0), mode="reflect"))
+        return view
 
-    def grid(self, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Nearest-bank distances of every window: (N, h, w)."""
-        out = []
+    @staticmethod
+    def _position_stats(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each place's mean and spread over smoothed normal grids (N, h, w), both smoothed over
+        neighbouring places, the spread floored at half its median; None where they cannot be measured."""
+        if len(grids) < 2 or not np.isfinite(grids).all():
+            return None
+        mean = ndimage.gaussian_filter(grids.mean(axis=0), 1.0, mode="reflect")
+        sd = np.sqrt(ndimage.gaussian_filter(grids.var(axis=0), 1.0, mode="reflect"))
+        sd = np.maximum(sd, max(0.5 * float(np.median(sd)), 1e-6))
+        return mean.astype(np.float32), sd.astype(np.float32)
+
+    def _grid_one(self, a: np.ndarray, skip: np.ndarray | None = None, chunk: int = 2048) -> np.ndarray:
+        """Nearest-bank distances (h, w) of the windows of one prepared image; bank windows where ``skip``
+        is true are left out (a training image is not measured against its own windows)."""
+        w = self._windows(a)
+        q = (w.reshape(-1, w.shape[-1]) - self.mean) @ self.components.T
         bank_t = np.ascontiguousarray(self.bank.T)
-        for a in self._prep(x):
-            w = self._windows(a)
-            q = (w.reshape(-1, w.shape[-1]) - self.mean) @ self.components.T
-            d = np.empty(len(q), np.float32)
-            for i in range(0, len(q), chunk):
-                qi = q[i : i + chunk]
-                m = qi @ bank_t
-                m *= -2.0
-                m += self._bank_sq
-                d[i : i + chunk] = m.min(axis=1) + (qi * qi).sum(axis=1)
-            out.append(np.sqrt(np.maximum(d, 0.0)).reshape(w.shape[:2]))
-        return np.stack(out) if out else np.zeros((0, 1, 1), np.float32)
+        d = np.empty(len(q), np.float32)
+        for i in range(0, len(q), chunk):
+            qi = q[i : i + chunk]
+            m = qi @ bank_t
+            m *= -2.0
+            m += self._bank_sq
+            if skip is not None:
+                m[:, skip] = np.inf
+            d[i : i + chunk] = m.min(axis=1) + (qi * qi).sum(axis=1)
+        return np.sqrt(np.maximum(d, 0.0)).reshape(w.shape[:2])
+
+    def grid(self, x: np.ndarray) -> np.ndarray:
+        """Nearest-bank distances of every window: (N, h, w)."""
+        if len(x) == 0:
+            return np.zeros((0, 1, 1), np.float32)
+        return np.stack([self._grid_one(a) for a in self._prep(x)])
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """The image score (N,): the largest window distance after a Gaussian smoothing (sigma 1 window)."""
+        """The image score (N,): the largest window distance after a Gaussian smoothing (sigma 1 window),
+        standardised at its place (models saved before the place statistics use the distance as it is)."""
         g = ndimage.gaussian_filter(self.grid(x), (0, 1.0, 1.0), mode="reflect")
-        return g.reshape(len(g), -1).max(axis=1).astype(np.float32)
+        if self.position is not None:
+            g = (g - self.position[0]) / self.position[1]
+        return g.reshape(len(g), -1).max(axis=1).astype(np.float32) if len(g) else np.zeros(0, np.float32)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "components": self.components, "bank": self.bank,
-                "shape": np.array(self.shape)}
+        out = {"mean": self.mean, "components": self.components, "bank": self.bank, "shape": np.array(self.shape)}
+        if self.position is not None:
+            out |= {"position_mean": self.position[0], "position_std": self.position[1]}
+        return out
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> PatchView:
         shape = (int(a["shape"][0]), int(a["shape"][1]))
-        return cls(a["mean"], a["components"], a["bank"], shape)
+        position = (a["position_mean"], a["position_std"]) if "position_mean" in a else None
+        return cls(a["mean"], a["components"], a["bank"], shape, position)
 
 
 def fuse(
