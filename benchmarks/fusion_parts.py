@@ -1,6 +1,7 @@
 """Fusion experiment: train one model per category (cached), then the image AUROC of each part alone
 (reconstruction, head, whole-image PCA residual at 16 and 32 px, patch view) and of their fusions (z-sum, max,
-views: reconstruction and head averaged, then the image views added).
+views: reconstruction and head averaged, with a full vote and with params.yaml's network_weight, then the image
+views added).
 
     python benchmarks/fusion_parts.py CATEGORY_DIR ['{"train.epochs": 12}'] [TAG]
 
@@ -63,6 +64,8 @@ z = lambda v, ref: (v - ref.mean()) / max(ref.std(), 1e-9)
 res["r+h"] = roc_auc_score(labels, z(re, rh) + z(he, hh))
 net = (z(re, rh) + z(he, hh)) / 2  # the 'views' fusion: the network's two readings share one vote
 res["views(r,h|g16)"] = roc_auc_score(labels, net + z(ge16, gh16))
+w = p.score.network_weight  # the default fusion: the network's vote weighted
+res[f"views({w:g}*(r,h)|g16)"] = roc_auc_score(labels, w * net + z(ge16, gh16))
 for side in (16, 32):
     gh, ge, k = pca_scores(side)
     res[f"g{side}(k={k})"] = roc_auc_score(labels, ge)
@@ -76,6 +79,7 @@ if p.score.patch_side and PatchView.usable(shape, p.score.patch_side):
     res["patch"] = roc_auc_score(labels, pe)
     res["r+h+g16+p"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge16, gh16) + z(pe, ph))
     res["views(r,h|g16|p)"] = roc_auc_score(labels, net + z(ge16, gh16) + z(pe, ph))
+    res[f"views({w:g}*(r,h)|g16|p)"] = roc_auc_score(labels, w * net + z(ge16, gh16) + z(pe, ph))
 print(cat.name, tag, shape, {k: round(v, 3) for k, v in res.items()}, flush=True)
 with open(Path(__file__).resolve().parent / "results" / "fusion_parts.jsonl", "a") as f:
     f.write(json.dumps({"cat": cat.name, "tag": tag, **res}) + "\n")

@@ -145,9 +145,10 @@ def test_fusion_standardises_both_parts():
     np.testing.assert_array_equal(no_head, recon_scores)
 
 
-def test_views_fusion_gives_the_network_one_vote_and_old_bundles_keep_sum(trained, dataset_dir):
-    """``views`` averages the reconstruction and head scores, then adds the image views; a bundle
-    whose saved score parameters say ``sum`` (trained before ``views``) scores as it did."""
+def test_views_fusion_weighs_the_network_once_and_old_bundles_keep_their_rule(trained, dataset_dir):
+    """``views`` averages the reconstruction and head scores, weighs them by ``network_weight``, then adds
+    the image views; a bundle whose saved score parameters say ``sum`` (trained before ``views``) or lack
+    the weight (saved before it: a full vote) scores as it did."""
     from dataclasses import replace
 
     from cellscan.core.scoring import aggregate, fuse
@@ -162,18 +163,29 @@ def test_views_fusion_gives_the_network_one_vote_and_old_bundles_keep_sum(traine
     np.testing.assert_allclose(s_views, [0.0, (2.0 + 4.0) / 2 + 3.0])
     np.testing.assert_allclose(s_sum, [0.0, 2.0 + 4.0 + 3.0])
     np.testing.assert_allclose(m_views, m_sum / 2)  # the map: the network's two maps averaged
+    s_half, m_half = fuse(recon, np.zeros((2, 3, 3)), head, "views", stats, glob, None, 0.5)
+    np.testing.assert_allclose(s_half, [0.0, 0.5 * (2.0 + 4.0) / 2 + 3.0])
+    np.testing.assert_allclose(m_half, m_views)  # the weight is the image score's; the map stays
 
     model = trained.model
-    assert model.score_params.fusion == "views"  # the default for new models
+    p = model.score_params
+    assert (p.fusion, p.network_weight) == ("views", 0.5)  # the defaults for new models
     x = np.stack([model.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
     views = model.score_arrays(x).scores
-    old = model.with_score_params(replace(model.score_params, fusion="sum")).score_arrays(x).scores
-    st, p = model.meta["fusion"], model.score_params
+    old = model.with_score_params(replace(p, fusion="sum")).score_arrays(x).scores
+    full = model.with_score_params(replace(p, network_weight=1.0)).score_arrays(x).scores
+    st = model.meta["fusion"]
     _, rmap, hmap = model._parts(x, p)
     r = (aggregate(rmap, p.aggregation, p.topk) - st["recon"][0]) / st["recon"][1]
     h = (hmap.reshape(len(x), -1).max(axis=1) - st["head"][0]) / st["head"][1]
     net = r + h
-    np.testing.assert_allclose(old - views, net / 2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(old - full, net / 2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(full - views, net / 4, rtol=1e-4, atol=1e-4)
+    meta = json.loads(json.dumps(model.meta))
+    del meta["score"]["network_weight"]  # as saved before the weight existed
+    older = CellscanModel(model.keras_model, meta, model.stats, model.global_view, model.patch_view)
+    assert older.score_params.network_weight == 1.0
+    np.testing.assert_allclose(older.score_arrays(x).scores, full, rtol=1e-5, atol=1e-5)
 
 
 def test_global_view_changes_the_score_and_can_be_switched_off(trained, dataset_dir):

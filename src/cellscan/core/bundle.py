@@ -112,7 +112,8 @@ class CellscanModel:
 
     @property
     def score_params(self) -> ScoreParams:
-        return ScoreParams(**self.meta["score"])
+        # bundles saved before the network's weight existed gave it a full vote
+        return ScoreParams(**({"network_weight": 1.0} | self.meta["score"]))
 
     @property
     def has_head(self) -> bool:
@@ -197,7 +198,7 @@ class CellscanModel:
         rscore = aggregate(rmap, p.aggregation, p.topk)
         gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
         pscore = self.patch_view.scores(x) if self.patch_view is not None and p.patch_side else None
-        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore)
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:

@@ -132,6 +132,8 @@ class ScoreParams:
     # image score: the network's two standardised scores averaged plus each image view (views), all parts
     # summed (sum, models trained before views), or one network part alone
     fusion: Fusion = "views"
+    # views: the network's vote beside each image view's one (bundles saved without it: 1)
+    network_weight: float = 0.5
     head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
@@ -153,6 +155,7 @@ class ScoreParams:
             self.threshold_quantile,
         )
         _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
+        _check(0.0 <= self.network_weight <= 10.0, "score.network_weight", "in [0, 10]", self.network_weight)
         _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)
         patch_ok = self.patch_side == 0 or 16 <= self.patch_side <= 1024

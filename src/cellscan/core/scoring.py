@@ -331,6 +331,7 @@ def fuse(
     stats: dict[str, list[float]],
     global_scores: np.ndarray | None = None,
     patch_scores: np.ndarray | None = None,
+    network_weight: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
@@ -341,8 +342,10 @@ def fuse(
     only; the pixel map comes from the reconstruction and head maps).
 
     ``views`` (the default) gives each view of the image one vote: the network's two readings of one
-    reconstruction (its error and the head that compares image and reconstruction) are averaged, then
-    the whole-image and patch scores are added. ``sum`` adds all four (models trained before ``views``
+    reconstruction (its error and the head that compares image and reconstruction) are averaged and
+    weighted by ``network_weight`` (0.5 in ``params.yaml``: on every real set measured, the network's
+    image score is the weakest part), then the whole-image and patch scores are added. The maps are the
+    network's averaged maps, whatever the weight. ``sum`` adds all four (models trained before ``views``
     keep it, so their thresholds stay valid). ``head`` or ``recon`` use one part alone. A part without
     statistics is left out; with none, the reconstruction part is used as it is.
 
@@ -356,6 +359,9 @@ def fuse(
         >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, global_scores=g)
         >>> [round(float(v), 6) for v in s]   # ((r - 1) / 1 + (max h - 0) / 0.1) / 2 + (g - 2) / 0.5
         [0.0, 7.5]
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, g, None, 0.5)
+        >>> [round(float(v), 6) for v in s]   # half the network's vote: 0.5 * 5.5 + 2
+        [0.0, 4.75]
     """
     head_scores = None if head_maps is None else head_maps.reshape(len(head_maps), -1).max(axis=1)
     if fusion == "head" and head_maps is not None:
@@ -376,6 +382,8 @@ def fuse(
         maps = maps + (head_maps - mh) / sh
         if fusion == "views":  # one vote for the network's two readings
             scores, maps = scores / 2, maps / 2
+    if fusion == "views":
+        scores = network_weight * scores
     for name, part in (("global", global_scores), ("patch", patch_scores)):  # image scores only
         if part is not None and name in stats:
             m, sd = stats[name]
