@@ -215,6 +215,7 @@ class PatchView:
         self.mean, self.components, self.bank = mean, components, bank
         self.shape = (int(shape[0]), int(shape[1]))
         self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
+        self._bank_t = np.ascontiguousarray(bank.T)  # once, not per scored image
         # each place's (mean, spread) of the smoothed distance on normals; None in models saved before it
         self.position = position
 
@@ -284,11 +285,10 @@ class PatchView:
         is true are left out (a training image is not measured against its own windows)."""
         w = self._windows(a)
         q = (w.reshape(-1, w.shape[-1]) - self.mean) @ self.components.T
-        bank_t = np.ascontiguousarray(self.bank.T)
         d = np.empty(len(q), np.float32)
         for i in range(0, len(q), chunk):
             qi = q[i : i + chunk]
-            m = qi @ bank_t
+            m = qi @ self._bank_t
             m *= -2.0
             m += self._bank_sq
             if skip is not None:
