@@ -8,6 +8,7 @@ Layout::
     <dir>/global_view.npz  the whole-image view's mean and principal components (absent in older models)
     <dir>/patch_view.npz   the window bank of normal images and each place's normal distances (absent in
                            older models and for small images)
+    <dir>/texture_view.npz the texture bank of normal images and each place's normal distances (likewise)
 
 Saving writes to a sibling temporary folder and renames it into place, so a crash never leaves a
 half-written model where a complete one was.
@@ -30,13 +31,13 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import (GlobalView, MapStats, PatchView, aggregate, anomaly_maps, fuse, maps_key, raw_maps,
-                                   smooth)
+from cellscan.core.scoring import (GlobalView, MapStats, PatchView, TextureView, aggregate, anomaly_maps, fuse, maps_key,
+                                   raw_maps, smooth)
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, META_FILE, STATS_FILE, GLOBAL_FILE = "model.keras", "meta.json", "map_stats.npz", "global_view.npz"
-PATCH_FILE = "patch_view.npz"
+PATCH_FILE, TEXTURE_FILE = "patch_view.npz", "texture_view.npz"
 ForwardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
@@ -81,12 +82,14 @@ class CellscanModel:
     """The networks with their working size, threshold, score configuration and map statistics."""
 
     def __init__(self, keras_model: Any, meta: dict[str, Any], stats: MapStats | None = None,
-                 global_view: GlobalView | None = None, patch_view: PatchView | None = None) -> None:
+                 global_view: GlobalView | None = None, patch_view: PatchView | None = None,
+                 texture_view: TextureView | None = None) -> None:
         self.keras_model = keras_model
         self.meta = meta
         self.stats = stats
         self.global_view = global_view
         self.patch_view = patch_view
+        self.texture_view = texture_view
         self._forward: ForwardFn | None = None
         self._maps: MapsFn | None = None
 
@@ -123,12 +126,15 @@ class CellscanModel:
         """A copy whose metadata carries a new threshold (and any extra metadata)."""
         meta = json.loads(json.dumps(self.meta)) | extra
         meta["threshold"] = float(threshold)
-        return CellscanModel(self.keras_model, meta, self.stats, self.global_view, self.patch_view)
+        return self._with_meta(meta)
 
     def with_score_params(self, p: ScoreParams) -> CellscanModel:
         meta = json.loads(json.dumps(self.meta))
         meta["score"] = asdict(p)
-        return CellscanModel(self.keras_model, meta, self.stats, self.global_view, self.patch_view)
+        return self._with_meta(meta)
+
+    def _with_meta(self, meta: dict[str, Any]) -> CellscanModel:
+        return CellscanModel(self.keras_model, meta, self.stats, self.global_view, self.patch_view, self.texture_view)
 
     def use_backend(self, fn: ForwardFn) -> None:
         """Run the networks with another runtime (ONNX, TFLite) instead of Keras: x -> (recon, mask logits or None)."""
@@ -198,7 +204,8 @@ class CellscanModel:
         rscore = aggregate(rmap, p.aggregation, p.topk)
         gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
         pscore = self.patch_view.scores(x) if self.patch_view is not None and p.patch_side else None
-        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight)
+        tscore = self.texture_view.scores(x) if self.texture_view is not None and p.texture_side else None
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight, tscore)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -217,16 +224,18 @@ class CellscanModel:
         return self.score_arrays(x)
 
     def fit_global(self, normals: np.ndarray) -> None:
-        """Fit the whole-image and patch views on normal images (the training images).
+        """Fit the whole-image, patch and texture views on normal images (the training images).
 
-        None when ``global_side`` / ``patch_side`` is 0; no patch view for working sizes under
-        ``PatchView.MIN_SIDE``.
+        None when ``global_side`` / ``patch_side`` / ``texture_side`` is 0; no patch or texture view for
+        working sizes under ``PatchView.MIN_SIDE``.
         """
         p = self.score_params
         use_global = p.global_side and len(normals) > 1
         self.global_view = GlobalView.fit(normals, p.global_side) if use_global else None
         use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3], p.patch_side)
         self.patch_view = PatchView.fit(normals, p.patch_side) if use_patch else None
+        use_texture = p.texture_side and len(normals) > 1 and TextureView.usable(normals.shape[1:3], p.texture_side)
+        self.texture_view = TextureView.fit(normals, p.texture_side) if use_texture else None
 
     def fit_stats(self, holdout: np.ndarray) -> None:
         """Standardise maps and scores by what normal hold-out images (not seen in fitting) show."""
@@ -241,6 +250,8 @@ class CellscanModel:
             fusion["global"] = _mean_std(self.global_view.scores(holdout))
         if self.patch_view is not None:
             fusion["patch"] = _mean_std(self.patch_view.scores(holdout))
+        if self.texture_view is not None:
+            fusion["texture"] = _mean_std(self.texture_view.scores(holdout))
         self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------
@@ -259,6 +270,8 @@ class CellscanModel:
                 np.savez(tmp / GLOBAL_FILE, **self.global_view.to_arrays())
             if self.patch_view is not None:
                 np.savez(tmp / PATCH_FILE, **self.patch_view.to_arrays())
+            if self.texture_view is not None:
+                np.savez(tmp / TEXTURE_FILE, **self.texture_view.to_arrays())
             if directory.exists():
                 old = directory.with_name(f".{directory.name}-old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -313,7 +326,11 @@ class CellscanModel:
         if (directory / PATCH_FILE).is_file():
             with np.load(directory / PATCH_FILE) as z:
                 patches = PatchView.from_arrays({k: z[k] for k in z.files})
-        return cls(model, meta, stats, view, patches)
+        texture = None
+        if (directory / TEXTURE_FILE).is_file():
+            with np.load(directory / TEXTURE_FILE) as z:
+                texture = TextureView.from_arrays({k: z[k] for k in z.files})
+        return cls(model, meta, stats, view, patches, texture)
 
     def describe(self) -> dict[str, Any]:
         keep = ("input_shape", "channels", "threshold", "score", "metrics", "data_hash", "cellscan_version")

@@ -137,6 +137,7 @@ class ScoreParams:
     head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
+    texture_side: int = 128  # long side at which local textures are compared with the normals' bank (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
@@ -160,6 +161,8 @@ class ScoreParams:
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)
         patch_ok = self.patch_side == 0 or 16 <= self.patch_side <= 1024
         _check(patch_ok, "score.patch_side", "0 or in [16, 1024]", self.patch_side)
+        texture_ok = self.texture_side == 0 or 16 <= self.texture_side <= 1024
+        _check(texture_ok, "score.texture_side", "0 or in [16, 1024]", self.texture_side)
 
 
 GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")
