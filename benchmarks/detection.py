@@ -69,6 +69,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "head_at_64px": {"data.image_size": 64},
     "no_global_view": {"score.global_side": 0},
     "no_patch_view": {"score.patch_side": 0},
+    "no_texture_view": {"score.texture_side": 0},
 }
 
 
@@ -132,6 +133,11 @@ def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
         out["global_image_auroc"] = _auroc(labels, model.global_view.scores(x))
     if model.patch_view is not None:
         out["patch_image_auroc"] = _auroc(labels, model.patch_view.scores(x))
+    if model.texture_view is not None:
+        out["texture_image_auroc"] = _auroc(labels, model.texture_view.scores(x))
+    t0 = time.perf_counter()  # everything /predict does after decoding: networks, maps, views, fusion
+    model.score_arrays(x[:64])
+    out["score_seconds_per_image"] = (time.perf_counter() - t0) / len(x[:64])
     return out
 
 
