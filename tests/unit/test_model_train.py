@@ -201,27 +201,33 @@ def test_global_view_changes_the_score_and_can_be_switched_off(trained, dataset_
     np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)
 
 
+def _with_view_fitted_by_hand(model, dataset_dir, name, view_cls):
+    """The trained model with one place view fitted on its training normals (all but the last 8, which
+    standardise it), and six test images scored with it and with it switched off (``<name>_side: 0``)."""
+    from dataclasses import replace
+
+    normals = np.stack([model.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
+    views = {"patch_view": None, "texture_view": None} | {f"{name}_view": view_cls.fit(normals[:-8], side=128)}
+    m = CellscanModel(model.keras_model, json.loads(json.dumps(model.meta)), model.stats, model.global_view, **views)
+    m.fit_stats(normals[-8:])
+    x = np.stack([m.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
+    without = m.score_arrays(x, replace(m.score_params, **{f"{name}_side": 0})).scores
+    return m, x, m.score_arrays(x).scores, without
+
+
 def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_dir, tmp_path):
     """The window bank's score is standardised on hold-out normals and added; saved and loaded with the model.
 
     The session's synthetic slices are 48 px, under ``PatchView.MIN_SIDE``: training leaves the view out,
     so here it is fitted by hand on the training normals.
     """
-    from dataclasses import replace
-
     from cellscan.core.scoring import PatchView
 
     model = trained.model
     assert model.patch_view is None and not PatchView.usable(model.shape)
-    normals = np.stack([model.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
-    m = CellscanModel(model.keras_model, json.loads(json.dumps(model.meta)), model.stats, model.global_view,
-                      PatchView.fit(normals[:-8], side=128))
-    m.fit_stats(normals[-8:])
+    m, x, with_view, without = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
     mean, std = m.meta["fusion"]["patch"]
     assert std > 0
-    x = np.stack([m.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
-    with_view = m.score_arrays(x).scores
-    without = m.score_arrays(x, replace(m.score_params, patch_side=0)).scores
     expected = (m.patch_view.scores(x) - mean) / std
     np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-patches"))
@@ -283,21 +289,13 @@ def test_patch_view_weighs_each_place_by_how_much_normals_vary_there():
 def test_texture_view_joins_the_views_and_survives_save_and_load(trained, dataset_dir, tmp_path):
     """The texture bank's score is standardised on hold-out normals and added with one vote; saved and
     loaded with the model; a bundle without it scores as before (fitted by hand: the slices are 48 px)."""
-    from dataclasses import replace
-
     from cellscan.core.scoring import TextureView
 
     model = trained.model
     assert model.texture_view is None and not TextureView.usable(model.shape)
-    normals = np.stack([model.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
-    m = CellscanModel(model.keras_model, json.loads(json.dumps(model.meta)), model.stats, model.global_view,
-                      None, TextureView.fit(normals[:-8], side=128))
-    m.fit_stats(normals[-8:])
+    m, x, with_view, without = _with_view_fitted_by_hand(model, dataset_dir, "texture", TextureView)
     mean, std = m.meta["fusion"]["texture"]
     assert std > 0
-    x = np.stack([m.load(q) for q in sorted((dataset_dir / "test").rglob("*.png"))[:6]])
-    with_view = m.score_arrays(x).scores
-    without = m.score_arrays(x, replace(m.score_params, texture_side=0)).scores
     np.testing.assert_allclose(with_view - without, (m.texture_view.scores(x) - mean) / std, rtol=1e-4, atol=1e-4)
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-texture"))
     assert (tmp_path / "with-texture" / "texture_view.npz").is_file()

@@ -202,8 +202,6 @@ class _PlaceView:
                  position: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.mean, self.components, self.bank = mean, components, bank
         self.shape = (int(shape[0]), int(shape[1]))
-        self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
-        self._bank_t = np.ascontiguousarray(bank.T)  # once, not per scored image
         # each place's (mean, spread) of the smoothed distance on normals; None in models saved before it
         self.position = position
 
@@ -241,22 +239,16 @@ class _PlaceView:
         sd = np.maximum(sd, max(0.5 * float(np.median(sd)), 1e-6))
         return mean.astype(np.float32), sd.astype(np.float32)
 
-    def _grid_one(self, a: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
-        """Nearest-bank distances (h, w) of the places of one prepared image; bank entries where ``skip``
-        is true are left out (a training image is not measured against its own entries)."""
+    def _nearest(self, q: np.ndarray, **search: Any) -> np.ndarray:
+        """Distances (n,) of queries (n, d) to their nearest bank entries (each view searches its own way)."""
+        raise NotImplementedError
+
+    def _grid_one(self, a: np.ndarray, **search: Any) -> np.ndarray:
+        """Nearest-bank distances (h, w) of the places of one prepared image (``search``: how the fit
+        leaves an image's own entries out, passed to :meth:`_nearest`)."""
         f = self._features(a)
         q = (f.reshape(-1, f.shape[-1]) - self.mean) @ self.components.T
-        d = np.empty(len(q), np.float32)
-        chunk = max(64, 2**23 // max(len(self.bank), 1))  # places at a time: a 32 MiB distance block
-        for i in range(0, len(q), chunk):
-            qi = q[i : i + chunk]
-            m = qi @ self._bank_t
-            m *= -2.0
-            m += self._bank_sq
-            if skip is not None:
-                m[:, skip] = np.inf
-            d[i : i + chunk] = m.min(axis=1) + (qi * qi).sum(axis=1)
-        return np.sqrt(np.maximum(d, 0.0)).reshape(f.shape[:2])
+        return self._nearest(q, **search).reshape(f.shape[:2])
 
     def grid(self, x: np.ndarray) -> np.ndarray:
         """Nearest-bank distances of every place: (N, h, w)."""
@@ -310,6 +302,27 @@ class PatchView(_PlaceView):
     """
 
     PATCH, STRIDE, COMPONENTS, BANK = 8, 2, 16, 4096
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray, bank: np.ndarray, shape: tuple[int, int],
+                 position: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        super().__init__(mean, components, bank, shape, position)
+        self._bank_sq = (bank.astype(np.float32) ** 2).sum(axis=1)
+        self._bank_t = np.ascontiguousarray(bank.T)  # once, not per scored image
+
+    def _nearest(self, q: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
+        """Exact nearest distances by one matrix product per chunk; bank windows where ``skip`` is true
+        are left out (a training image is not measured against its own windows)."""
+        d = np.empty(len(q), np.float32)
+        chunk = max(64, 2**23 // max(len(self.bank), 1))  # places at a time: a 32 MiB distance block
+        for i in range(0, len(q), chunk):
+            qi = q[i : i + chunk]
+            m = qi @ self._bank_t
+            m *= -2.0
+            m += self._bank_sq
+            if skip is not None:
+                m[:, skip] = np.inf
+            d[i : i + chunk] = m.min(axis=1) + (qi * qi).sum(axis=1)
+        return np.sqrt(np.maximum(d, 0.0))
 
     @classmethod
     def _windows(cls, a: np.ndarray) -> np.ndarray:
@@ -397,19 +410,17 @@ class TextureView(_PlaceView):
         f = np.concatenate([np.log(e / (total + 1e-12) + cls.FLOOR), np.log(total + cls.FLOOR)[None]])
         return np.moveaxis(f, 0, -1).astype(np.float32)
 
-    def _grid_one(self, a: np.ndarray, skip: np.ndarray | None = None, tree: Any = None) -> np.ndarray:
-        """Nearest-bank distances (h, w) of the places of one prepared image, searched in ``tree`` (by
-        default the whole bank's); ``skip`` is not used (the fit leaves folds out instead)."""
+    def _nearest(self, q: np.ndarray, tree: Any = None) -> np.ndarray:
+        """Nearest distances searched in ``tree`` (by default the whole bank's; the fit passes a tree
+        without one fold's places)."""
         from scipy.spatial import cKDTree
 
         if tree is None:
             if self._tree is None:
                 self._tree = cKDTree(self.bank)
             tree = self._tree
-        f = self._features(a)
-        q = (f.reshape(-1, f.shape[-1]) - self.mean) @ self.components.T
         d, _ = tree.query(q, k=1)
-        return d.astype(np.float32).reshape(f.shape[:2])
+        return d.astype(np.float32)
 
     def _fit_positions(self, prepped: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -> None:
         """Each place's normal distances on up to ``POSITION_IMAGES`` fitting images, each searched in a
