@@ -111,8 +111,9 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
-    """Image and pixel AUROC of each part alone: reconstruction, head, whole-image view (one forward pass)."""
-    from cellscan.core.scoring import aggregate
+    """Image and pixel AUROC of each part alone: reconstruction, head, each image view (one forward pass);
+    the fused score with one vote per view (``view_weights: equal``) and the views' separations."""
+    from cellscan.core.scoring import VIEWS, aggregate, fuse
 
     samples = ds.evaluation
     labels = np.array([s.label for s in samples])
@@ -129,12 +130,17 @@ def score_parts(model: CellscanModel, ds: Dataset) -> dict[str, float]:
         out["head_image_auroc"] = _auroc(labels, hmap.reshape(len(hmap), -1).max(axis=1))
         if masks is not None:
             out["head_pixel_auroc"] = pixel_auroc(hmap, masks)
-    if model.global_view is not None:
-        out["global_image_auroc"] = _auroc(labels, model.global_view.scores(x))
-    if model.patch_view is not None:
-        out["patch_image_auroc"] = _auroc(labels, model.patch_view.scores(x))
-    if model.texture_view is not None:
-        out["texture_image_auroc"] = _auroc(labels, model.texture_view.scores(x))
+    views = {name: getattr(model, f"{name}_view") for name in VIEWS}
+    vscores = {name: None if view is None else view.scores(x) for name, view in views.items()}
+    for name, v in vscores.items():
+        if v is not None:
+            out[f"{name}_image_auroc"] = _auroc(labels, v)
+    if "separation" in model.meta.get("fusion", {}):  # the same parts, one vote per view (view_weights: equal)
+        hmap = None if parts[0][2] is None else np.concatenate([h for _, _, h in parts])
+        equal, _ = fuse(aggregate(rmap, p.aggregation, p.topk), rmap, hmap, p.fusion, model.meta["fusion"],
+                        vscores["global"], vscores["patch"], p.network_weight, vscores["texture"], False)
+        out["equal_weights_image_auroc"] = _auroc(labels, equal)
+        out["view_separation"] = model.meta["fusion"]["separation"]
     t0 = time.perf_counter()  # everything /predict does after decoding: networks, maps, views, fusion
     model.score_arrays(x[:64])
     out["score_seconds_per_image"] = (time.perf_counter() - t0) / len(x[:64])

@@ -11,6 +11,7 @@ from cellscan.core.augment import blob_mask, simulate_anomaly
 from cellscan.core.config import ModelParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.model import build_network
+from cellscan.core.scoring import separation, view_weights
 from cellscan.core.train import working_shape
 
 TINY = ModelParams(base_filters=4, depth=2, bottleneck=4, head_filters=4, head_depth=2)
@@ -215,6 +216,15 @@ def _with_view_fitted_by_hand(model, dataset_dir, name, view_cls):
     return m, x, m.score_arrays(x).scores, without
 
 
+def _added_by_view(m, x, name):
+    """What a hand-fitted view adds to the ``views`` score: its standardised score with its weight, and the
+    whole-image view's change from one vote (alone) to its weight beside it."""
+    st = m.meta["fusion"]
+    w = view_weights(st["separation"], ["global", name])
+    z = {n: (getattr(m, f"{n}_view").scores(x) - st[n][0]) / st[n][1] for n in ("global", name)}
+    return (w["global"] - 1.0) * z["global"] + w[name] * z[name]
+
+
 def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_dir, tmp_path):
     """The window bank's score is standardised on hold-out normals and added; saved and loaded with the model.
 
@@ -226,13 +236,58 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
     model = trained.model
     assert model.patch_view is None and not PatchView.usable(model.shape)
     m, x, with_view, without = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
-    mean, std = m.meta["fusion"]["patch"]
-    assert std > 0
-    expected = (m.patch_view.scores(x) - mean) / std
-    np.testing.assert_allclose(with_view - without, expected, rtol=1e-4, atol=1e-4)
+    assert m.meta["fusion"]["patch"][1] > 0
+    np.testing.assert_allclose(with_view - without, _added_by_view(m, x, "patch"), rtol=1e-4, atol=1e-4)
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-patches"))
     assert (tmp_path / "with-patches" / "patch_view.npz").is_file()
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)
+
+
+def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals(trained, dataset_dir):
+    """fit_stats keeps each view's separation of CT-like defects simulated on the hold-out images; a view
+    that cannot see them (here the whole-image view made blind: the same score for every image) gets no
+    weight, and ``view_weights: equal`` or a bundle fitted without separations gives one vote each."""
+    from dataclasses import replace
+
+    from cellscan.core.scoring import GlobalView, PatchView
+
+    class Blind(GlobalView):
+        def scores(self, x):
+            return np.ones(len(x), np.float32)
+
+    model = trained.model
+    m, x, weighted, _ = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
+    sep = m.meta["fusion"]["separation"]
+    assert set(sep) == {"global", "patch"} and sep["patch"] > 1.0  # the bank sees pores, particles, cracks
+    st = m.meta["fusion"]
+    z = {n: (getattr(m, f"{n}_view").scores(x) - st[n][0]) / st[n][1] for n in ("global", "patch")}
+    equal = m.score_arrays(x, replace(m.score_params, view_weights="equal")).scores
+    w = view_weights(sep, ["global", "patch"])
+    np.testing.assert_allclose(weighted - equal, (w["global"] - 1) * z["global"] + (w["patch"] - 1) * z["patch"],
+                               rtol=1e-4, atol=1e-4)
+    meta = json.loads(json.dumps(m.meta))
+    del meta["fusion"]["separation"]  # as fitted before the weights existed
+    older = CellscanModel(m.keras_model, meta, m.stats, m.global_view, patch_view=m.patch_view)
+    np.testing.assert_allclose(older.score_arrays(x).scores, equal, rtol=1e-5, atol=1e-5)
+
+    normals = np.stack([m.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
+    blind_view = Blind(m.global_view.mean, m.global_view.components, m.global_view.shape)
+    blind = CellscanModel(m.keras_model, json.loads(json.dumps(m.meta)), m.stats, blind_view, patch_view=m.patch_view)
+    blind.fit_stats(normals[-8:])
+    assert blind.meta["fusion"]["separation"] == {"global": 0.0, "patch": sep["patch"]}
+    assert view_weights(blind.meta["fusion"]["separation"], ["global", "patch"]) == {"global": 0.0, "patch": 2.0}
+
+
+def test_separation_reads_ranks_and_stops_at_chance():
+    rng = np.random.default_rng(0)
+    normal = rng.standard_normal(400)
+    assert separation(normal, rng.standard_normal(400)) < 0.25  # the same distribution: about chance
+    shifted = separation(normal, rng.standard_normal(400) + 1.0)
+    assert 0.8 < shifted < 1.2  # a unit shift of a unit-variance score: d' about 1
+    assert separation(normal, rng.standard_normal(400) - 1.0) == 0.0  # lower than normals: no weight
+    assert separation(np.exp(normal), np.exp(rng.standard_normal(400) + 1.0)) == pytest.approx(shifted, abs=0.2)
+    assert separation(normal, normal + 100.0) == pytest.approx(np.sqrt(2) * 3.09, abs=0.01)  # clipped AUROC
+    assert separation(normal[:0], normal) == 0.0
 
 
 def test_patch_view_is_left_out_where_its_windows_would_not_fit():
@@ -294,9 +349,8 @@ def test_texture_view_joins_the_views_and_survives_save_and_load(trained, datase
     model = trained.model
     assert model.texture_view is None and not TextureView.usable(model.shape)
     m, x, with_view, without = _with_view_fitted_by_hand(model, dataset_dir, "texture", TextureView)
-    mean, std = m.meta["fusion"]["texture"]
-    assert std > 0
-    np.testing.assert_allclose(with_view - without, (m.texture_view.scores(x) - mean) / std, rtol=1e-4, atol=1e-4)
+    assert m.meta["fusion"]["texture"][1] > 0
+    np.testing.assert_allclose(with_view - without, _added_by_view(m, x, "texture"), rtol=1e-4, atol=1e-4)
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-texture"))
     assert (tmp_path / "with-texture" / "texture_view.npz").is_file()
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)

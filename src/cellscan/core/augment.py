@@ -159,30 +159,39 @@ def simulate_anomaly(x: np.ndarray, rng: np.random.Generator, pool: np.ndarray) 
     ``pool`` holds other normal images (or crops) of the same size, used as foreign texture.
     """
     h, w, c = x.shape
-    kind = 6 if rng.random() < CT_SHARE else int(rng.integers(0, 6))
-    if kind == 6:
-        src, mask = ct_defect(x, rng)
-        beta = rng.uniform(0.0, 0.6)
-    else:
-        mask = perlin_mask((h, w), rng) if rng.random() < 0.7 else blob_mask((h, w), rng)
-        beta = rng.uniform(0.0, 0.6)
-        if kind == 0 and len(pool):
-            other = pool[int(rng.integers(0, len(pool)))]
-            src = np.roll(other, (int(rng.integers(0, h)), int(rng.integers(0, w))), axis=(0, 1))
-            src = np.rot90(src, int(rng.integers(0, 4))) if h == w else src[::-1]
-        elif kind == 1:
-            tex = ndimage.gaussian_filter(rng.random((h, w, c)), (rng.uniform(0.5, 3), rng.uniform(0.5, 3), 0))
-            lo, hi = tex.min(), tex.max()
-            src = lo + (tex - lo) / (hi - lo + 1e-8) * rng.uniform(0.3, 1.0)
-        elif kind == 2:
-            src = np.full_like(x, rng.choice([rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)]))
-        elif kind == 3:
-            src = np.clip(x * rng.uniform(0.3, 1.7), 0, 1)
-        elif kind == 4:  # the image itself, shifted
-            src = np.roll(x, (int(rng.integers(h // 8, h - h // 8 + 1)), int(rng.integers(w // 8, w - w // 8 + 1))),
-                          axis=(0, 1))
-        else:  # the image itself, rotated about its centre
-            src = ndimage.rotate(x, rng.uniform(20, 340), axes=(0, 1), reshape=False, mode="reflect", order=1)
+    if rng.random() < CT_SHARE:
+        return simulate_ct_defect(x, rng)
+    kind = int(rng.integers(0, 6))
+    mask = perlin_mask((h, w), rng) if rng.random() < 0.7 else blob_mask((h, w), rng)
+    beta = rng.uniform(0.0, 0.6)
+    if kind == 0 and len(pool):
+        other = pool[int(rng.integers(0, len(pool)))]
+        src = np.roll(other, (int(rng.integers(0, h)), int(rng.integers(0, w))), axis=(0, 1))
+        src = np.rot90(src, int(rng.integers(0, 4))) if h == w else src[::-1]
+    elif kind == 1:
+        tex = ndimage.gaussian_filter(rng.random((h, w, c)), (rng.uniform(0.5, 3), rng.uniform(0.5, 3), 0))
+        lo, hi = tex.min(), tex.max()
+        src = lo + (tex - lo) / (hi - lo + 1e-8) * rng.uniform(0.3, 1.0)
+    elif kind == 2:
+        src = np.full_like(x, rng.choice([rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0)]))
+    elif kind == 3:
+        src = np.clip(x * rng.uniform(0.3, 1.7), 0, 1)
+    elif kind == 4:  # the image itself, shifted
+        src = np.roll(x, (int(rng.integers(h // 8, h - h // 8 + 1)), int(rng.integers(w // 8, w - w // 8 + 1))),
+                      axis=(0, 1))
+    else:  # the image itself, rotated about its centre
+        src = ndimage.rotate(x, rng.uniform(20, 340), axes=(0, 1), reshape=False, mode="reflect", order=1)
+    return _blend(x, src, mask, beta), mask
+
+
+def simulate_ct_defect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like defect (:func:`ct_defect`) blended into ``x`` (H, W, C): (corrupted image, mask)."""
+    src, mask = ct_defect(x, rng)
+    return _blend(x, src, mask, rng.uniform(0.0, 0.6)), mask
+
+
+def _blend(x: np.ndarray, src: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
+    """``src`` inside the (softened) mask, a share ``beta`` of ``x`` kept there; ``x`` elsewhere."""
     soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.7)[..., None]
     out = x * (1 - soft) + (beta * x + (1 - beta) * src) * soft
-    return np.clip(out, 0, 1).astype(np.float32), mask
+    return np.clip(out, 0, 1).astype(np.float32)

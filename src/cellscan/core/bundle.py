@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,8 +31,9 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.scoring import (GlobalView, MapStats, PatchView, TextureView, aggregate, anomaly_maps, fuse, maps_key,
-                                   raw_maps, smooth)
+from cellscan.core.augment import simulate_ct_defect
+from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate, anomaly_maps, fuse,
+                                   maps_key, raw_maps, separation, smooth)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ class MapsFn(Protocol):
 
 def _mean_std(v: np.ndarray) -> list[float]:
     return [float(np.mean(v)), max(float(np.std(v)), 1e-6)]
+
+
+def _simulated_defects(holdout: np.ndarray, per_image: int = 2, least: int = 64, chunk: int = 32,
+                       seed: int = 0) -> Iterator[np.ndarray]:
+    """CT-like defects (voids, particles, cracks, shifted bands) simulated on copies of the hold-out images:
+    ``per_image`` each, at least ``least`` in all; yielded ``chunk`` images at a time (the same every call)."""
+    rng = np.random.default_rng(seed)
+    n = max(per_image * len(holdout), least)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        yield np.stack([simulate_ct_defect(holdout[i % len(holdout)], rng)[0] for i in range(start, stop)])
 
 
 @dataclass
@@ -205,7 +217,8 @@ class CellscanModel:
         gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
         pscore = self.patch_view.scores(x) if self.patch_view is not None and p.patch_side else None
         tscore = self.texture_view.scores(x) if self.texture_view is not None and p.texture_side else None
-        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight, tscore)
+        scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight, tscore,
+                            p.view_weights == "simulated")
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -238,20 +251,31 @@ class CellscanModel:
         self.texture_view = TextureView.fit(normals, p.texture_side) if use_texture else None
 
     def fit_stats(self, holdout: np.ndarray) -> None:
-        """Standardise maps and scores by what normal hold-out images (not seen in fitting) show."""
+        """Standardise maps and scores by what normal hold-out images (not seen in fitting) show.
+
+        With two or more image views, each view's separation (:func:`~cellscan.core.scoring.separation`) of
+        CT-like defects simulated on the hold-out images from the hold-out images themselves is kept too:
+        the ``views`` fusion weighs the views by it. The networks are left out of this (the head is trained
+        on such defects, so it would always look best); their weight is ``network_weight``.
+        """
         p = self.score_params
         recon, prob = self.forward(holdout)
         self.stats = MapStats.fit(raw_maps(holdout, recon, "l2_ssim"))
         rmap = anomaly_maps(holdout, recon, p, self.stats)
-        fusion = {"recon": _mean_std(aggregate(rmap, p.aggregation, p.topk))}
+        fusion: dict[str, Any] = {"recon": _mean_std(aggregate(rmap, p.aggregation, p.topk))}
         if prob is not None:
             fusion["head"] = _mean_std(smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1))
-        if self.global_view is not None:
-            fusion["global"] = _mean_std(self.global_view.scores(holdout))
-        if self.patch_view is not None:
-            fusion["patch"] = _mean_std(self.patch_view.scores(holdout))
-        if self.texture_view is not None:
-            fusion["texture"] = _mean_std(self.texture_view.scores(holdout))
+        views = {name: view for name, view in zip(VIEWS, (self.global_view, self.patch_view, self.texture_view))
+                 if view is not None}
+        normal = {name: view.scores(holdout) for name, view in views.items()}
+        fusion |= {name: _mean_std(s) for name, s in normal.items()}
+        if len(views) > 1 and len(holdout):
+            found: dict[str, list[np.ndarray]] = {name: [] for name in views}
+            for defects in _simulated_defects(holdout):
+                for name, view in views.items():
+                    found[name].append(view.scores(defects))
+            fusion["separation"] = {name: round(separation(normal[name], np.concatenate(found[name])), 4)
+                                    for name in views}
         self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------

@@ -21,6 +21,8 @@ MAP_KINDS: tuple[str, ...] = ("l2", "ssim", "l2_ssim")
 AGGREGATIONS: tuple[str, ...] = ("mean", "max", "topk_mean")
 Fusion = Literal["views", "sum", "head", "recon"]
 FUSIONS: tuple[str, ...] = ("views", "sum", "head", "recon")
+ViewWeights = Literal["simulated", "equal"]
+VIEW_WEIGHTS: tuple[str, ...] = ("simulated", "equal")
 
 
 def _check(cond: bool, key: str, expected: str, got: object) -> None:
@@ -138,6 +140,9 @@ class ScoreParams:
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
     texture_side: int = 128  # long side at which local textures are compared with the normals' bank (0 = off)
+    # views: each image view weighted by how well it told simulated CT-like defects from hold-out normals
+    # when the model was fitted (simulated), or one vote each (equal; bundles fitted without it: equal)
+    view_weights: ViewWeights = "simulated"
 
     def __post_init__(self) -> None:
         _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
@@ -156,6 +161,7 @@ class ScoreParams:
             self.threshold_quantile,
         )
         _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
+        _check(self.view_weights in VIEW_WEIGHTS, "score.view_weights", "simulated or equal", self.view_weights)
         _check(0.0 <= self.network_weight <= 10.0, "score.network_weight", "in [0, 10]", self.network_weight)
         _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)

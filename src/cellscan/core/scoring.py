@@ -469,6 +469,53 @@ class TextureView(_PlaceView):
         return view
 
 
+VIEWS = ("global", "patch", "texture")  # the image views, in the order they join the fused score
+
+
+def separation(normal_scores: np.ndarray, defect_scores: np.ndarray) -> float:
+    """How well a score tells simulated defects from normals: d' = sqrt(2) * probit(AUROC), 0 at chance or
+    worse, at most 4.4 (AUROC clipped at 0.999, so one perfect view does not silence the others).
+
+    d' is the shift of a unit-variance normal score that gives the same AUROC; for independent scores,
+    weights proportional to it are the best linear combination (Fisher's), and it reads the AUROC by ranks,
+    so a view's heavy tail on normals does not inflate it.
+
+    Example:
+        >>> round(separation(np.array([0.0, 1.0, 2.0]), np.array([1.5, 3.0, 4.0])), 3)   # AUROC 8/9
+        1.726
+        >>> separation(np.array([1.0, 2.0]), np.array([0.0, 1.5]))   # worse than chance
+        0.0
+    """
+    from scipy.stats import norm, rankdata
+
+    n0, n1 = len(normal_scores), len(defect_scores)
+    if not (n0 and n1):
+        return 0.0
+    ranks = rankdata(np.concatenate([normal_scores, defect_scores]))
+    auroc = (ranks[n0:].sum() - n1 * (n1 + 1) / 2) / (n0 * n1)
+    return float(max(0.0, np.sqrt(2.0) * norm.ppf(min(float(auroc), 0.999))))
+
+
+def view_weights(separations: dict[str, float] | None, present: list[str]) -> dict[str, float]:
+    """Each present view's weight in ``views``: its separation over the mean separation of the present
+    views (so they add up to one vote each on average); 1 each without separations or where none separates.
+
+    Example:
+        >>> view_weights({"global": 0.2, "patch": 1.2, "texture": 1.6}, ["global", "patch", "texture"])
+        {'global': 0.2, 'patch': 1.2, 'texture': 1.6}
+        >>> w = view_weights({"global": 0.2, "patch": 1.2, "texture": 1.6}, ["global", "patch"])  # texture off
+        >>> {name: round(v, 3) for name, v in w.items()}
+        {'global': 0.286, 'patch': 1.714}
+        >>> view_weights(None, ["global"])
+        {'global': 1.0}
+    """
+    values = [float((separations or {}).get(name, 0.0)) for name in present]
+    mean = sum(values) / len(values) if values else 0.0
+    if mean <= 0.0 or not separations or any(name not in separations for name in present):
+        return {name: 1.0 for name in present}
+    return {name: v / mean for name, v in zip(present, values)}
+
+
 def fuse(
     recon_scores: np.ndarray,
     recon_maps: np.ndarray,
@@ -479,6 +526,7 @@ def fuse(
     patch_scores: np.ndarray | None = None,
     network_weight: float = 1.0,
     texture_scores: np.ndarray | None = None,
+    weigh_views: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
@@ -492,8 +540,10 @@ def fuse(
     ``views`` (the default) gives each view of the image one vote: the network's two readings of one
     reconstruction (its error and the head that compares image and reconstruction) are averaged and
     weighted by ``network_weight`` (0.5 in ``params.yaml``: on every real set measured, the network's
-    image score is the weakest part), then the whole-image, patch and texture scores are added. The maps
-    are the network's averaged maps, whatever the weight. ``sum`` adds all parts (models trained before ``views``
+    image score is the weakest part), then the whole-image, patch and texture scores are added, each with
+    the weight :func:`view_weights` gives it from ``stats["separation"]`` (how well each view told simulated
+    CT-like defects from the hold-out normals when the model was fitted; equal weights without it or with
+    ``weigh_views`` False). The maps are the network's averaged maps, whatever the weights. ``sum`` adds all parts (models trained before ``views``
     keep it, so their thresholds stay valid). ``head`` or ``recon`` use one part alone. A part without
     statistics is left out; with none, the reconstruction part is used as it is.
 
@@ -510,6 +560,10 @@ def fuse(
         >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st | {"global": [2.0, 0.5]}, g, None, 0.5)
         >>> [round(float(v), 6) for v in s]   # half the network's vote: 0.5 * 5.5 + 2
         [0.0, 4.75]
+        >>> st |= {"global": [2.0, 0.5], "patch": [0.0, 1.0], "separation": {"global": 0.5, "patch": 1.5}}
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st, g, np.array([0.0, 3.0]), 0.5)
+        >>> [round(float(v), 6) for v in s]   # 0.5 * 5.5 + 0.5 * 2 + 1.5 * 3
+        [0.0, 8.25]
     """
     head_scores = None if head_maps is None else head_maps.reshape(len(head_maps), -1).max(axis=1)
     if fusion == "head" and head_maps is not None:
@@ -533,10 +587,13 @@ def fuse(
             scores, maps = scores / 2, maps / 2
     if fusion == "views":
         scores = network_weight * scores
-    for name, part in (("global", global_scores), ("patch", patch_scores), ("texture", texture_scores)):
-        if part is not None and name in stats:
-            m, sd = stats[name]
-            scores = scores + (part - m) / sd
+    parts = {name: part for name, part in zip(VIEWS, (global_scores, patch_scores, texture_scores))
+             if part is not None and name in stats}
+    weigh = fusion == "views" and weigh_views
+    weights = view_weights(stats.get("separation") if weigh else None, list(parts))  # type: ignore[arg-type]
+    for name, part in parts.items():
+        m, sd = stats[name]
+        scores = scores + weights[name] * (part - m) / sd
     return scores.astype(np.float32), maps.astype(np.float32)
 
 
