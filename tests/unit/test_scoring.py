@@ -99,3 +99,30 @@ def test_pixel_auroc():
     masks = np.array([[[False, True], [False, False]]])
     assert pixel_auroc(maps, masks) == 1.0
     assert np.isnan(pixel_auroc(maps, np.zeros_like(masks)))
+
+
+def test_views_heatmap_adds_each_place_map_where_it_points():
+    """The ``views`` map: the network's map with its weight plus each place view's map, brought to the
+    image's size and standardised and weighted like its score; the place with the view's finding is where
+    the heatmap peaks, though the network's map is flat there."""
+    from cellscan.core.scoring import fuse, place_scores, view_weights
+
+    n, size = 2, 32
+    net_map = np.zeros((n, size, size), np.float32)
+    net_map[:, 2:4, 2:4] = 1.0  # the network's mild spot in a corner
+    grid = np.zeros((n, 8, 8), np.float32)
+    grid[1, 5, 6] = 9.0  # the patch view's finding in image 1, at place (5, 6) of an 8x8 grid
+    st = {"recon": [0.0, 1.0], "patch": [1.0, 2.0], "separation": {"patch": 1.5, "texture": 0.5}}
+    scores, maps = fuse(net_map.reshape(n, -1).max(axis=1), net_map, None, "views", st,
+                        patch_scores=place_scores(grid), network_weight=0.5, place_maps={"patch": grid})
+    w = view_weights(st["separation"], ["patch"])["patch"]
+    assert w == 1.0  # the only view present
+    np.testing.assert_allclose(scores, 0.5 * 1.0 + (place_scores(grid) - 1.0) / 2.0)
+    y, x = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
+    assert abs(y - 5 * (size - 1) / 7) <= 1 and abs(x - 6 * (size - 1) / 7) <= 1
+    np.testing.assert_allclose(maps[0], 0.5 * net_map[0] - 0.5, atol=1e-6)  # a flat place map: only the network
+    assert 3.0 < maps[1].max() <= (9.0 - 1.0) / 2.0 + 1e-5  # at most the place's standardised value
+    _, same = fuse(scores, net_map, None, "views", st, patch_scores=place_scores(grid), network_weight=0.5)
+    np.testing.assert_allclose(same, net_map)  # no place maps given: the network's map as before
+    _, summed = fuse(scores, net_map, None, "sum", st, patch_scores=place_scores(grid), place_maps={"patch": grid})
+    np.testing.assert_allclose(summed, net_map)  # sum (older bundles) keeps the network's map

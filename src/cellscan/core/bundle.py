@@ -32,8 +32,8 @@ from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
 from cellscan.core.augment import simulate_ct_defect
-from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate, anomaly_maps, fuse,
-                                   maps_key, raw_maps, separation, smooth)
+from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate,
+                                   anomaly_maps, fuse, maps_key, place_scores, raw_maps, separation, smooth)
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +215,13 @@ class CellscanModel:
         hmap = None if parts[0][2] is None else np.concatenate([h for _, _, h in parts])
         rscore = aggregate(rmap, p.aggregation, p.topk)
         gscore = self.global_view.scores(x) if self.global_view is not None and p.global_side else None
-        pscore = self.patch_view.scores(x) if self.patch_view is not None and p.patch_side else None
-        tscore = self.texture_view.scores(x) if self.texture_view is not None and p.texture_side else None
+        places = {name: view.place_maps(x) for name, view, side in (("patch", self.patch_view, p.patch_side),
+                                                                    ("texture", self.texture_view, p.texture_side))
+                  if view is not None and side}
+        pscore = place_scores(places["patch"]) if "patch" in places else None
+        tscore = place_scores(places["texture"]) if "texture" in places else None
         scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight, tscore,
-                            p.view_weights == "simulated")
+                            p.view_weights == "simulated", places)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:

@@ -16,6 +16,8 @@ windows from the training normals; the distance to the nearest one, standardised
 at that place, at the worst place, is a fourth. A region whose grain or direction differs from every
 normal one (an uneven glaze, a frayed edge) shows in :class:`TextureView`: pooled Gaussian-derivative
 energies at each place compared with a bank of normal textures, standardised alike; a fifth.
+:func:`fuse` weighs the views by how well each tells simulated defects from normals, and adds the two
+place views' maps to the network's in the heatmap.
 """
 
 from __future__ import annotations
@@ -183,6 +185,12 @@ class GlobalView:
         return cls(a["mean"], a["components"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
 
 
+def place_scores(place_maps: np.ndarray) -> np.ndarray:
+    """Image scores (N,) of a place view's maps (N, h, w): each map's largest value."""
+    g = place_maps
+    return g.reshape(len(g), -1).max(axis=1).astype(np.float32) if len(g) else np.zeros(0, np.float32)
+
+
 class _PlaceView:
     """What the patch and texture views share: the image prepared alike (grayscale at a long side of
     ``side`` pixels, slow brightness changes removed, local contrast equalised), a feature vector at each
@@ -256,13 +264,17 @@ class _PlaceView:
             return np.zeros((0, 1, 1), np.float32)
         return np.stack([self._grid_one(a) for a in self._prep(x)])
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """The image score (N,): the largest place distance after a Gaussian smoothing (sigma 1 place),
-        standardised at its place (views saved without place statistics use the distance as it is)."""
+    def place_maps(self, x: np.ndarray) -> np.ndarray:
+        """Each place's distance after a Gaussian smoothing (sigma 1 place), standardised at its place
+        (views saved without place statistics use the distance as it is): (N, h, w)."""
         g = ndimage.gaussian_filter(self.grid(x), (0, 1.0, 1.0), mode="reflect")
         if self.position is not None:
             g = (g - self.position[0]) / self.position[1]
-        return g.reshape(len(g), -1).max(axis=1).astype(np.float32) if len(g) else np.zeros(0, np.float32)
+        return g.astype(np.float32)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """The image score (N,): the largest value of :meth:`place_maps`."""
+        return place_scores(self.place_maps(x))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean, "components": self.components, "bank": self.bank, "shape": np.array(self.shape)}
@@ -527,6 +539,7 @@ def fuse(
     network_weight: float = 1.0,
     texture_scores: np.ndarray | None = None,
     weigh_views: bool = True,
+    place_maps: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and pixel maps from the parts: ``(scores (N,), maps (N, H, W))``.
 
@@ -543,7 +556,10 @@ def fuse(
     image score is the weakest part), then the whole-image, patch and texture scores are added, each with
     the weight :func:`view_weights` gives it from ``stats["separation"]`` (how well each view told simulated
     CT-like defects from the hold-out normals when the model was fitted; equal weights without it or with
-    ``weigh_views`` False). The maps are the network's averaged maps, whatever the weights. ``sum`` adds all parts (models trained before ``views``
+    ``weigh_views`` False). The map is built the same way: the network's averaged maps with its weight,
+    plus each place view's map (``place_maps``: ``{"patch": (N, h, w), "texture": ...}``, from
+    :meth:`_PlaceView.place_maps`, brought to the maps' size) standardised like its score and weighted
+    like it; without place maps, the network's averaged maps. ``sum`` adds all parts (models trained before ``views``
     keep it, so their thresholds stay valid). ``head`` or ``recon`` use one part alone. A part without
     statistics is left out; with none, the reconstruction part is used as it is.
 
@@ -585,16 +601,34 @@ def fuse(
         maps = maps + (head_maps - mh) / sh
         if fusion == "views":  # one vote for the network's two readings
             scores, maps = scores / 2, maps / 2
-    if fusion == "views":
-        scores = network_weight * scores
     parts = {name: part for name, part in zip(VIEWS, (global_scores, patch_scores, texture_scores))
              if part is not None and name in stats}
     weigh = fusion == "views" and weigh_views
     weights = view_weights(stats.get("separation") if weigh else None, list(parts))  # type: ignore[arg-type]
+    places = {name: grid for name, grid in (place_maps or {}).items() if name in parts} if fusion == "views" else {}
+    if fusion == "views":
+        scores = network_weight * scores
+        if places:
+            maps = network_weight * maps
     for name, part in parts.items():
         m, sd = stats[name]
         scores = scores + weights[name] * (part - m) / sd
+        if name in places:
+            maps = maps + weights[name] * (_to_size(places[name], maps.shape[1:3]) - m) / sd
     return scores.astype(np.float32), maps.astype(np.float32)
+
+
+def _to_size(grids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Place maps (N, h, w) brought to (N, H, W) by linear interpolation (corners to corners)."""
+    if grids.shape[1:3] == tuple(shape):
+        return grids
+    out = np.empty((len(grids), *shape), np.float32)
+    for i, g in enumerate(grids):
+        z = ndimage.zoom(g, (shape[0] / g.shape[0], shape[1] / g.shape[1]), order=1, mode="nearest",
+                         grid_mode=False)
+        out[i] = np.pad(z, ((0, max(0, shape[0] - z.shape[0])), (0, max(0, shape[1] - z.shape[1]))),
+                        mode="edge")[: shape[0], : shape[1]]
+    return out
 
 
 def aggregate(maps: np.ndarray, how: str = "topk_mean", topk: float = 0.02) -> np.ndarray:
