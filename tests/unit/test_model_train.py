@@ -219,10 +219,15 @@ def _with_view_fitted_by_hand(model, dataset_dir, name, view_cls):
 def _added_by_view(m, x, name):
     """What a hand-fitted view adds to the ``views`` score: its standardised score with its weight, and the
     whole-image view's change from one vote (alone) to its weight beside it."""
-    st = m.meta["fusion"]
-    w = view_weights(st["separation"], ["global", name])
-    z = {n: (getattr(m, f"{n}_view").scores(x) - st[n][0]) / st[n][1] for n in ("global", name)}
+    w = view_weights(m.meta["fusion"]["separation"], ["global", name])
+    z = _standardised(m, x, ("global", name))
     return (w["global"] - 1.0) * z["global"] + w[name] * z[name]
+
+
+def _standardised(m, x, names):
+    """Each named view's image scores, standardised by the model's hold-out statistics."""
+    st = m.meta["fusion"]
+    return {n: (getattr(m, f"{n}_view").scores(x) - st[n][0]) / st[n][1] for n in names}
 
 
 def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_dir, tmp_path):
@@ -259,8 +264,7 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     m, x, weighted, _ = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
     sep = m.meta["fusion"]["separation"]
     assert set(sep) == {"global", "patch"} and sep["patch"] > 1.0  # the bank sees pores, particles, cracks
-    st = m.meta["fusion"]
-    z = {n: (getattr(m, f"{n}_view").scores(x) - st[n][0]) / st[n][1] for n in ("global", "patch")}
+    z = _standardised(m, x, ("global", "patch"))
     equal = m.score_arrays(x, replace(m.score_params, view_weights="equal")).scores
     w = view_weights(sep, ["global", "patch"])
     np.testing.assert_allclose(weighted - equal, (w["global"] - 1) * z["global"] + (w["patch"] - 1) * z["patch"],
@@ -342,7 +346,7 @@ def test_patch_view_weighs_each_place_by_how_much_normals_vary_there():
 
 
 def test_texture_view_joins_the_views_and_survives_save_and_load(trained, dataset_dir, tmp_path):
-    """The texture bank's score is standardised on hold-out normals and added with one vote; saved and
+    """The texture bank's score is standardised on hold-out normals and added with its weight; saved and
     loaded with the model; a bundle without it scores as before (fitted by hand: the slices are 48 px)."""
     from cellscan.core.scoring import TextureView
 
