@@ -11,7 +11,7 @@ from cellscan.core.augment import blob_mask, simulate_anomaly
 from cellscan.core.config import ModelParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.model import build_network
-from cellscan.core.scoring import separation, view_weights
+from cellscan.core.scoring import MIN_VOTE, separation, view_weights
 from cellscan.core.train import working_shape
 
 TINY = ModelParams(base_filters=4, depth=2, bottleneck=4, head_filters=4, head_depth=2)
@@ -250,8 +250,9 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
 
 def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals(trained, dataset_dir):
     """fit_stats keeps each view's separation of CT-like defects simulated on the hold-out images; a view
-    that cannot see them (here the whole-image view made blind: the same score for every image) gets no
-    weight, and ``view_weights: equal`` or a bundle fitted without separations gives one vote each."""
+    that cannot see them (here the whole-image view made blind: the same score for every image) keeps only
+    the least vote (``MIN_VOTE``, before the weights are scaled to one vote each on average), and
+    ``view_weights: equal`` or a bundle fitted without separations gives one vote each."""
     from dataclasses import replace
 
     from cellscan.core.scoring import GlobalView, PatchView
@@ -279,7 +280,9 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     blind = CellscanModel(m.keras_model, json.loads(json.dumps(m.meta)), m.stats, blind_view, patch_view=m.patch_view)
     blind.fit_stats(normals[-8:])
     assert blind.meta["fusion"]["separation"] == {"global": 0.0, "patch": sep["patch"]}
-    assert view_weights(blind.meta["fusion"]["separation"], ["global", "patch"]) == {"global": 0.0, "patch": 2.0}
+    w = view_weights(blind.meta["fusion"]["separation"], ["global", "patch"])
+    scale = 2 / (MIN_VOTE + 2.0)  # raw votes: 0 -> MIN_VOTE and 2 (the mean separation is half the patch view's)
+    assert w == pytest.approx({"global": MIN_VOTE * scale, "patch": 2.0 * scale})
 
 
 def test_separation_reads_ranks_and_stops_at_chance():
@@ -389,3 +392,4 @@ def test_texture_view_finds_a_region_whose_grain_or_direction_differs():
     loaded = TextureView.from_arrays(view.to_arrays())
     np.testing.assert_allclose(loaded.scores(fine), view.scores(fine), rtol=1e-6)
     assert TextureView.usable((256, 256)) and not TextureView.usable((28, 28))
+
