@@ -393,3 +393,31 @@ def test_texture_view_finds_a_region_whose_grain_or_direction_differs():
     np.testing.assert_allclose(loaded.scores(fine), view.scores(fine), rtol=1e-6)
     assert TextureView.usable((256, 256)) and not TextureView.usable((28, 28))
 
+
+def test_texture_view_keeps_its_scales_and_loads_views_saved_before_them():
+    """The view's scales travel with its arrays; a view saved before they did (no ``scales``, a bank of
+    three scales' features) is read at the three scales it was fitted with and scores as it did."""
+    from cellscan.core.scoring import TextureView
+
+    rng = np.random.default_rng(4)
+    normals = (0.5 + 0.05 * ndimage.gaussian_filter(rng.standard_normal((10, 64, 64)), (0, 1.0, 2.0)))[..., None]
+    normals = normals.astype(np.float32)
+    odd = normals[:2].copy()
+    odd[1, 20:40, 20:40] = 0.5
+    view = TextureView.fit(normals, side=64)
+    assert view.scales == TextureView.SCALES and len(TextureView.SCALES) == 4
+    assert view.bank.shape[1] == 5 * 4 + 1  # five derivative energies per scale, and the total
+    loaded = TextureView.from_arrays(view.to_arrays())
+    assert loaded.scales == view.scales
+    np.testing.assert_allclose(loaded.scores(odd), view.scores(odd), rtol=1e-6)
+
+    class ThreeScales(TextureView):  # fitted as before the fourth scale
+        SCALES = TextureView.SAVED_BEFORE_SCALES
+
+    older = ThreeScales.fit(normals, side=64)
+    arrays = older.to_arrays()
+    del arrays["scales"]  # as saved before the scales were stored
+    read = TextureView.from_arrays(arrays)
+    assert read.scales == (1.0, 2.0, 4.0) and read.bank.shape[1] == 16
+    np.testing.assert_allclose(read.scores(odd), older.scores(odd), rtol=1e-6)
+    assert read.scores(odd)[1] > read.scores(odd)[0]
