@@ -406,18 +406,27 @@ def test_texture_view_keeps_its_scales_and_loads_views_saved_before_them():
     odd[1, 20:40, 20:40] = 0.5
     view = TextureView.fit(normals, side=64)
     assert view.scales == TextureView.SCALES and len(TextureView.SCALES) == 4
-    assert view.bank.shape[1] == 5 * 4 + 1  # five derivative energies per scale, and the total
+    # five derivative energies per scale and the total, kept as their first DIMS principal components
+    assert view.components.shape == (TextureView.DIMS, 5 * 4 + 1) and view.bank.shape[1] == TextureView.DIMS
+    cov = np.cov(view.bank.T.astype(np.float64))  # principal components: uncorrelated, largest first
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-3 * cov[0, 0]
+    assert (np.diff(np.diag(cov)) <= 1e-6 * cov[0, 0]).all()
     loaded = TextureView.from_arrays(view.to_arrays())
     assert loaded.scales == view.scales
     np.testing.assert_allclose(loaded.scores(odd), view.scores(odd), rtol=1e-6)
 
-    class ThreeScales(TextureView):  # fitted as before the fourth scale
+    class ThreeScales(TextureView):  # fitted as before the fourth scale and the principal components
         SCALES = TextureView.SAVED_BEFORE_SCALES
+
+        @classmethod
+        def _axes(cls, z):
+            return np.eye(z.shape[1])  # each feature kept, scaled alone
 
     older = ThreeScales.fit(normals, side=64)
     arrays = older.to_arrays()
     del arrays["scales"]  # as saved before the scales were stored
     read = TextureView.from_arrays(arrays)
-    assert read.scales == (1.0, 2.0, 4.0) and read.bank.shape[1] == 16
+    assert read.scales == (1.0, 2.0, 4.0) and read.components.shape == (16, 16)
+    assert np.count_nonzero(read.components - np.diag(np.diag(read.components))) == 0  # per-feature scaling
     np.testing.assert_allclose(read.scores(odd), older.scores(odd), rtol=1e-6)
     assert read.scores(odd)[1] > read.scores(odd)[0]
