@@ -11,7 +11,7 @@ from cellscan.core.augment import blob_mask, simulate_anomaly
 from cellscan.core.config import ModelParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.model import build_network
-from cellscan.core.scoring import MIN_VOTE, separation, view_weights
+from cellscan.core.scoring import MIN_VOTE, aggregate, separation, view_weights
 from cellscan.core.train import working_shape
 
 TINY = ModelParams(base_filters=4, depth=2, bottleneck=4, head_filters=4, head_depth=2)
@@ -57,6 +57,24 @@ def test_simulated_anomaly_changes_only_the_mask_region():
         changed += int(np.abs(y[..., 0][mask] - x[..., 0][mask]).mean() > 1e-3)
     assert changed >= 9
     assert blob_mask((16, 16), rng).shape == (16, 16)
+
+
+def test_simulated_deformation_bends_only_the_mask_region():
+    """A local deformation moves the image's own content inside its region and leaves the rest alone."""
+    from cellscan.core.augment import simulate_warp
+
+    rng = np.random.default_rng(2)
+    x = ndimage.gaussian_filter(rng.random((64, 64, 1)), (1.5, 1.5, 0)).astype(np.float32)
+    x = (x - x.min()) / (x.max() - x.min())
+    changed = 0
+    for _ in range(12):
+        y, mask = simulate_warp(x, rng)
+        assert y.shape == x.shape and y.dtype == np.float32 and mask.any() and mask.mean() < 0.5
+        far = ~ndimage.binary_dilation(mask, iterations=3)
+        np.testing.assert_allclose(y[..., 0][far], x[..., 0][far], atol=1e-3)
+        changed += int(np.abs(y[..., 0][mask] - x[..., 0][mask]).mean() > 1e-2)
+        assert abs(float(y[..., 0][mask].mean() - x[..., 0][mask].mean())) < 0.1  # moved, not darkened or brightened
+    assert changed >= 9
 
 
 def test_training_writes_a_complete_model(trained, model_dir):
@@ -218,10 +236,21 @@ def _with_view_fitted_by_hand(model, dataset_dir, name, view_cls):
 
 def _added_by_view(m, x, name):
     """What a hand-fitted view adds to the ``views`` score: its standardised score with its weight, and the
-    whole-image view's change from one vote (alone) to its weight beside it."""
-    w = view_weights(m.meta["fusion"]["separation"], ["global", name])
+    whole-image view's and the network's change from their weights without it to their weights beside it."""
+    sep = m.meta["fusion"]["separation"]
+    w, alone = view_weights(sep, ["global", name, "network"]), view_weights(sep, ["global", "network"])
     z = _standardised(m, x, ("global", name))
-    return (w["global"] - 1.0) * z["global"] + w[name] * z[name]
+    return ((w["global"] - alone["global"]) * z["global"] + w[name] * z[name]
+            + (w["network"] - alone["network"]) * _network_vote(m, x))
+
+
+def _network_vote(m, x):
+    """The network's standardised score as ``views`` reads it: reconstruction and head averaged."""
+    p, st = m.score_params, m.meta["fusion"]
+    _, rmap, hmap = m._parts(x, p)
+    r = (aggregate(rmap, p.aggregation, p.topk) - st["recon"][0]) / st["recon"][1]
+    h = (hmap.reshape(len(x), -1).max(axis=1) - st["head"][0]) / st["head"][1]
+    return (r + h) / 2
 
 
 def _standardised(m, x, names):
@@ -249,10 +278,12 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
 
 
 def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals(trained, dataset_dir):
-    """fit_stats keeps each view's separation of CT-like defects simulated on the hold-out images; a view
-    that cannot see them (here the whole-image view made blind: the same score for every image) keeps only
-    the least vote (``MIN_VOTE``, before the weights are scaled to one vote each on average), and
-    ``view_weights: equal`` or a bundle fitted without separations gives one vote each."""
+    """fit_stats keeps each part's separation of defects simulated on the hold-out images: an image view's
+    is the mean of its CT-like defects' and local deformations' separations, the network's the
+    deformations' alone (its head trains on CT-like defects). A view that cannot see them (here the
+    whole-image view made blind: the same score for every image) keeps only the least vote (``MIN_VOTE``,
+    before the weights are scaled to one vote each on average); ``view_weights: equal`` or a bundle fitted
+    without separations gives each image view one vote and the network ``network_weight``."""
     from dataclasses import replace
 
     from cellscan.core.scoring import GlobalView, PatchView
@@ -263,13 +294,18 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
 
     model = trained.model
     m, x, weighted, _ = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
-    sep = m.meta["fusion"]["separation"]
-    assert set(sep) == {"global", "patch"} and sep["patch"] > 1.0  # the bank sees pores, particles, cracks
+    sep, family = m.meta["fusion"]["separation"], m.meta["fusion"]["separation_by_family"]
+    assert set(sep) == {"global", "patch", "network"} and sep["patch"] > 1.0  # the bank sees pores, particles, cracks
+    assert set(family["ct"]) == {"global", "patch"} and set(family["warp"]) == {"global", "patch", "network"}
+    assert sep["patch"] == pytest.approx((family["ct"]["patch"] + family["warp"]["patch"]) / 2, abs=1e-3)
+    assert sep["network"] == family["warp"]["network"]
     z = _standardised(m, x, ("global", "patch"))
     equal = m.score_arrays(x, replace(m.score_params, view_weights="equal")).scores
-    w = view_weights(sep, ["global", "patch"])
-    np.testing.assert_allclose(weighted - equal, (w["global"] - 1) * z["global"] + (w["patch"] - 1) * z["patch"],
-                               rtol=1e-4, atol=1e-4)
+    w = view_weights(sep, ["global", "patch", "network"])
+    np.testing.assert_allclose(
+        weighted - equal,
+        (w["global"] - 1) * z["global"] + (w["patch"] - 1) * z["patch"] + (w["network"] - 0.5) * _network_vote(m, x),
+        rtol=1e-4, atol=1e-4)
     meta = json.loads(json.dumps(m.meta))
     del meta["fusion"]["separation"]  # as fitted before the weights existed
     older = CellscanModel(m.keras_model, meta, m.stats, m.global_view, patch_view=m.patch_view)
@@ -279,7 +315,7 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     blind_view = Blind(m.global_view.mean, m.global_view.components, m.global_view.shape)
     blind = CellscanModel(m.keras_model, json.loads(json.dumps(m.meta)), m.stats, blind_view, patch_view=m.patch_view)
     blind.fit_stats(normals[-8:])
-    assert blind.meta["fusion"]["separation"] == {"global": 0.0, "patch": sep["patch"]}
+    assert blind.meta["fusion"]["separation"] == {"global": 0.0, "patch": sep["patch"], "network": sep["network"]}
     w = view_weights(blind.meta["fusion"]["separation"], ["global", "patch"])
     scale = 2 / (MIN_VOTE + 2.0)  # raw votes: 0 -> MIN_VOTE and 2 (the mean separation is half the patch view's)
     assert w == pytest.approx({"global": MIN_VOTE * scale, "patch": 2.0 * scale})

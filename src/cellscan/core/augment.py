@@ -9,6 +9,10 @@ sources are procedural or come from the training normals themselves; nothing is 
 - smooth noise texture; a flat bright or dark fill; the image with its intensity scaled
 - CT defects: dark voids and pores (ellipses), bright particles (small dots), thin dark cracks
   (random polylines), and a misaligned band (a strip of the image shifted sideways)
+
+One family is kept out of training on purpose: :func:`simulate_warp` (a region of the image bent by a
+smooth displacement, as a bulged winding or a deformed layer would be). No network ever learns it, so it
+measures every part of the score alike (see :meth:`cellscan.core.bundle.CellscanModel.fit_stats`).
 """
 
 from __future__ import annotations
@@ -188,6 +192,28 @@ def simulate_ct_defect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     """A CT-like defect (:func:`ct_defect`) blended into ``x`` (H, W, C): (corrupted image, mask)."""
     src, mask = ct_defect(x, rng)
     return _blend(x, src, mask, rng.uniform(0.0, 0.6)), mask
+
+
+def simulate_warp(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A local deformation of ``x`` (H, W, C): inside a Perlin or blob region, the image's own content
+    displaced by a smooth random field (smoothness 2 px per 64 px of the short side, displacement 2 to 6
+    px per 128 px), blended in as the other defects are: (corrupted image, mask). Not used in training.
+
+    Example:
+        >>> x = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))[..., None]
+        >>> y, mask = simulate_warp(np.sin(8 * x) ** 2, np.random.default_rng(0))
+        >>> y.shape, bool(mask.any()), bool(np.abs(y - np.sin(8 * x) ** 2)[mask].max() > 0.05)
+        ((64, 64, 1), True, True)
+    """
+    h, w = x.shape[:2]
+    mask = perlin_mask((h, w), rng) if rng.random() < 0.5 else blob_mask((h, w), rng)
+    sigma, amp = 2.0 * max(1.0, min(h, w) / 64), rng.uniform(2.0, 6.0) * max(1.0, min(h, w) / 128)
+    field = [ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma) for _ in range(2)]
+    dy, dx = (f * amp / (f.std() + 1e-8) for f in field)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    src = np.stack([ndimage.map_coordinates(x[..., c], [yy + dy, xx + dx], order=1, mode="reflect")
+                    for c in range(x.shape[2])], axis=-1)
+    return _blend(x, src.astype(np.float32), mask, rng.uniform(0.0, 0.4)), mask
 
 
 def _blend(x: np.ndarray, src: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:

@@ -31,7 +31,7 @@ from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.images import load_image, resize
-from cellscan.core.augment import simulate_ct_defect
+from cellscan.core.augment import simulate_ct_defect, simulate_warp
 from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate,
                                    anomaly_maps, fuse, maps_key, place_scores, raw_maps, separation, smooth)
 
@@ -56,14 +56,16 @@ def _mean_std(v: np.ndarray) -> list[float]:
 
 
 def _simulated_defects(holdout: np.ndarray, per_image: int = 2, least: int = 64, chunk: int = 32,
-                       seed: int = 0) -> Iterator[np.ndarray]:
-    """CT-like defects (voids, particles, cracks, shifted bands) simulated on copies of the hold-out images:
-    ``per_image`` each, at least ``least`` in all; yielded ``chunk`` images at a time (the same every call)."""
+                       seed: int = 0, simulate: Callable[..., tuple[np.ndarray, np.ndarray]] = simulate_ct_defect,
+                       ) -> Iterator[np.ndarray]:
+    """Defects simulated on copies of the hold-out images (by default CT-like: voids, particles, cracks,
+    shifted bands; ``simulate_warp`` for local deformations): ``per_image`` each, at least ``least`` in all;
+    yielded ``chunk`` images at a time (the same every call)."""
     rng = np.random.default_rng(seed)
     n = max(per_image * len(holdout), least)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        yield np.stack([simulate_ct_defect(holdout[i % len(holdout)], rng)[0] for i in range(start, stop)])
+        yield np.stack([simulate(holdout[i % len(holdout)], rng)[0] for i in range(start, stop)])
 
 
 @dataclass
@@ -256,29 +258,53 @@ class CellscanModel:
     def fit_stats(self, holdout: np.ndarray) -> None:
         """Standardise maps and scores by what normal hold-out images (not seen in fitting) show.
 
-        With two or more image views, each view's separation (:func:`~cellscan.core.scoring.separation`) of
-        CT-like defects simulated on the hold-out images from the hold-out images themselves is kept too:
-        the ``views`` fusion weighs the views by it. The networks are left out of this (the head is trained
-        on such defects, so it would always look best); their weight is ``network_weight``.
+        With two or more image views, the separation (:func:`~cellscan.core.scoring.separation`) of
+        simulated defects from the hold-out images themselves is kept too, and the ``views`` fusion weighs
+        its parts by it. Two families are simulated on the hold-out images: CT-like defects (voids,
+        particles, cracks, shifted bands) and local deformations (:func:`~cellscan.core.augment.simulate_warp`).
+        An image view, which never learns from defects, is measured on both (the mean of the two
+        separations). The network is measured on the deformations alone: its head is trained on CT-like
+        defects, so on those it would always look best, while no network ever sees a deformation. Both
+        families' separations are kept (``separation_by_family``) for the record.
         """
         p = self.score_params
         recon, prob = self.forward(holdout)
         self.stats = MapStats.fit(raw_maps(holdout, recon, "l2_ssim"))
-        rmap = anomaly_maps(holdout, recon, p, self.stats)
-        fusion: dict[str, Any] = {"recon": _mean_std(aggregate(rmap, p.aggregation, p.topk))}
-        if prob is not None:
-            fusion["head"] = _mean_std(smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1))
+        fusion: dict[str, Any] = {}
+
+        def network(x: np.ndarray, recon: np.ndarray, prob: np.ndarray | None) -> dict[str, np.ndarray]:
+            rmap = anomaly_maps(x, recon, p, self.stats)
+            out = {"recon": aggregate(rmap, p.aggregation, p.topk)}
+            if prob is not None:
+                out["head"] = smooth(prob, p.head_sigma).reshape(len(prob), -1).max(axis=1)
+            return out
+
+        net = network(holdout, recon, prob)
+        fusion |= {name: _mean_std(s) for name, s in net.items()}
         views = {name: view for name, view in zip(VIEWS, (self.global_view, self.patch_view, self.texture_view))
                  if view is not None}
         normal = {name: view.scores(holdout) for name, view in views.items()}
         fusion |= {name: _mean_std(s) for name, s in normal.items()}
         if len(views) > 1 and len(holdout):
-            found: dict[str, list[np.ndarray]] = {name: [] for name in views}
-            for defects in _simulated_defects(holdout):
-                for name, view in views.items():
-                    found[name].append(view.scores(defects))
-            fusion["separation"] = {name: round(separation(normal[name], np.concatenate(found[name])), 4)
-                                    for name in views}
+
+            def network_vote(parts: dict[str, np.ndarray]) -> np.ndarray:  # as :func:`fuse` reads the network
+                z = [(parts[name] - fusion[name][0]) / fusion[name][1] for name in parts]
+                return sum(z) / len(z)
+
+            normal["network"] = network_vote(net)
+            by_family: dict[str, dict[str, float]] = {}
+            for family, simulate in (("ct", simulate_ct_defect), ("warp", simulate_warp)):
+                found: dict[str, list[np.ndarray]] = {name: [] for name in normal}
+                for defects in _simulated_defects(holdout, simulate=simulate):
+                    for name, view in views.items():
+                        found[name].append(view.scores(defects))
+                    if family == "warp":
+                        found["network"].append(network_vote(network(defects, *self.forward(defects))))
+                by_family[family] = {name: round(separation(normal[name], np.concatenate(parts)), 4)
+                                     for name, parts in found.items() if parts}
+            fusion["separation"] = {name: round((by_family["ct"][name] + by_family["warp"][name]) / 2, 4)
+                                    for name in views} | {"network": by_family["warp"]["network"]}
+            fusion["separation_by_family"] = by_family
         self.meta["fusion"] = fusion
 
     # -- persistence ------------------------------------------------------------------------

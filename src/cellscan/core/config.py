@@ -134,14 +134,16 @@ class ScoreParams:
     # image score: the network's two standardised scores averaged plus each image view (views), all parts
     # summed (sum, models trained before views), or one network part alone
     fusion: Fusion = "views"
-    # views: the network's vote beside each image view's one (bundles saved without it: 1)
+    # views: the network's vote beside each image view's one where it is not measured (view_weights equal,
+    # one image view, bundles saved before it was measured; bundles saved without it: 1)
     network_weight: float = 0.5
     head_sigma: float = 4.0  # gaussian smoothing of the head's map before its maximum is taken
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
     texture_side: int = 128  # long side at which local textures are compared with the normals' bank (0 = off)
-    # views: each image view weighted by how well it told simulated CT-like defects from hold-out normals
-    # when the model was fitted (simulated), or one vote each (equal; bundles fitted without it: equal)
+    # views: each part (image views and the network) weighted by how well it told simulated defects from
+    # hold-out normals when the model was fitted (simulated), or one vote each (equal; bundles fitted
+    # without it: equal)
     view_weights: ViewWeights = "simulated"
 
     def __post_init__(self) -> None:

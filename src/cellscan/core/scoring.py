@@ -589,12 +589,14 @@ def fuse(
     reconstruction and head maps).
 
     ``views`` (the default) gives each view of the image one vote: the network's two readings of one
-    reconstruction (its error and the head that compares image and reconstruction) are averaged and
-    weighted by ``network_weight`` (0.5 in ``params.yaml``: on every real set measured, the network's
-    image score is the weakest part), then the whole-image, patch and texture scores are added, each with
-    the weight :func:`view_weights` gives it from ``stats["separation"]`` (how well each view told simulated
-    CT-like defects from the hold-out normals when the model was fitted; equal weights without it or with
-    ``weigh_views`` False). The map is built the same way: the network's averaged maps with its weight,
+    reconstruction (its error and the head that compares image and reconstruction) are averaged, then the
+    whole-image, patch and texture scores are added, each part with the weight :func:`view_weights` gives
+    it from ``stats["separation"]`` (how well it told simulated defects from the hold-out normals when the
+    model was fitted: see :meth:`~cellscan.core.bundle.CellscanModel.fit_stats`). Without separations, with
+    ``weigh_views`` False, or in a model saved before the network was measured (no ``"network"`` entry),
+    the network's vote is ``network_weight`` (0.5 in ``params.yaml``: on every real set measured, the
+    network's image score is the weakest part) and the image views get the separations' weights or one vote
+    each. The map is built the same way: the network's averaged maps with its weight,
     plus each place view's map (``place_maps``: ``{"patch": (N, h, w), "texture": ...}``, from
     :meth:`_PlaceView.place_maps`, brought to the maps' size) standardised like its score and weighted
     like it; without place maps, the network's averaged maps. ``sum`` adds all parts (models trained before ``views``
@@ -618,6 +620,10 @@ def fuse(
         >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st, g, np.array([0.0, 3.0]), 0.5)
         >>> [round(float(v), 6) for v in s]   # 0.5 * 5.5 + 0.5 * 2 + 1.5 * 3
         [0.0, 8.25]
+        >>> st["separation"]["network"] = 1.0   # measured too: 1.0 / mean(0.5, 1.5, 1.0) of a vote
+        >>> s, _ = fuse(r, np.zeros((2, 2, 2)), h, "views", st, g, np.array([0.0, 3.0]), 0.5)
+        >>> [round(float(v), 6) for v in s]   # 1.0 * 5.5 + 0.5 * 2 + 1.5 * 3
+        [0.0, 11.0]
     """
     head_scores = None if head_maps is None else head_maps.reshape(len(head_maps), -1).max(axis=1)
     if fusion == "head" and head_maps is not None:
@@ -642,9 +648,12 @@ def fuse(
     parts = {name: part for name, part in zip(VIEWS, (global_scores, patch_scores, texture_scores))
              if part is not None and name in stats}
     weigh = fusion == "views" and weigh_views
-    weights = view_weights(stats.get("separation") if weigh else None, list(parts))  # type: ignore[arg-type]
+    separations: dict[str, float] | None = stats.get("separation") if weigh else None  # type: ignore[assignment]
+    measured = "network" in (separations or {}) and bool(parts)  # models saved before keep network_weight
+    weights = view_weights(separations, list(parts) + (["network"] if measured else []))
     places = {name: grid for name, grid in (place_maps or {}).items() if name in parts} if fusion == "views" else {}
     if fusion == "views":
+        network_weight = weights.get("network", network_weight)
         scores = network_weight * scores
         if places:
             maps = network_weight * maps
