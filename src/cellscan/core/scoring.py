@@ -536,9 +536,10 @@ def separation(normal_scores: np.ndarray, defect_scores: np.ndarray) -> float:
 
 
 def view_weights(separations: dict[str, float] | None, present: list[str]) -> dict[str, float]:
-    """Each present view's weight in ``views``: its separation over the mean separation of the present
-    views, at least ``MIN_VOTE``, then scaled so that they add up to one vote each on average; 1 each without
-    separations or where none separates.
+    """Each present part's weight in ``views`` (the image views, and ``"network"`` where the network was
+    measured too): its separation over the mean separation of the present parts, at least ``MIN_VOTE``,
+    then scaled so that they add up to one vote each on average; 1 each without separations or where none
+    separates.
 
     The simulated defects are local (voids, particles, cracks, shifted bands), so a view made for what is
     wrong with a whole image is measured by them only in part: its separation can read near 0 on a set
