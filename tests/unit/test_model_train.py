@@ -237,8 +237,8 @@ def _with_view_fitted_by_hand(model, dataset_dir, name, view_cls):
 def _added_by_view(m, x, name):
     """What a hand-fitted view adds to the ``views`` score: its standardised score with its weight, and the
     whole-image view's and the network's change from their weights without it to their weights beside it."""
-    sep = m.meta["fusion"]["separation"]
-    w, alone = view_weights(sep, ["global", name, "network"]), view_weights(sep, ["global", "network"])
+    sep, power = m.meta["fusion"]["separation"], m.score_params.separation_power
+    w, alone = view_weights(sep, ["global", name, "network"], power), view_weights(sep, ["global", "network"], power)
     z = _standardised(m, x, ("global", name))
     return ((w["global"] - alone["global"]) * z["global"] + w[name] * z[name]
             + (w["network"] - alone["network"]) * _network_vote(m, x))
@@ -301,7 +301,7 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     assert sep["network"] == family["warp"]["network"]
     z = _standardised(m, x, ("global", "patch"))
     equal = m.score_arrays(x, replace(m.score_params, view_weights="equal")).scores
-    w = view_weights(sep, ["global", "patch", "network"])
+    w = view_weights(sep, ["global", "patch", "network"], m.score_params.separation_power)
     np.testing.assert_allclose(
         weighted - equal,
         (w["global"] - 1) * z["global"] + (w["patch"] - 1) * z["patch"] + (w["network"] - 0.5) * _network_vote(m, x),
@@ -310,6 +310,14 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     del meta["fusion"]["separation"]  # as fitted before the weights existed
     older = CellscanModel(m.keras_model, meta, m.stats, m.global_view, patch_view=m.patch_view)
     np.testing.assert_allclose(older.score_arrays(x).scores, equal, rtol=1e-5, atol=1e-5)
+
+    assert m.score_params.separation_power == 2.0  # the default: separations squared
+    by_separation = m.score_arrays(x, replace(m.score_params, separation_power=1.0)).scores
+    assert not np.allclose(by_separation, weighted, atol=1e-3)
+    meta = json.loads(json.dumps(m.meta))
+    del meta["score"]["separation_power"]  # as saved before the power existed: each part by its separation
+    before = CellscanModel(m.keras_model, meta, m.stats, m.global_view, patch_view=m.patch_view)
+    np.testing.assert_allclose(before.score_arrays(x).scores, by_separation, rtol=1e-5, atol=1e-5)
 
     normals = np.stack([m.load(q) for q in sorted((dataset_dir / "train" / "good").glob("*.png"))])
     blind_view = Blind(m.global_view.mean, m.global_view.components, m.global_view.shape)

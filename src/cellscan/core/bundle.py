@@ -129,8 +129,9 @@ class CellscanModel:
 
     @property
     def score_params(self) -> ScoreParams:
-        # bundles saved before the network's weight existed gave it a full vote
-        return ScoreParams(**({"network_weight": 1.0} | self.meta["score"]))
+        # bundles saved before the network's weight existed gave it a full vote, before the power each part
+        # its separation
+        return ScoreParams(**({"network_weight": 1.0, "separation_power": 1.0} | self.meta["score"]))
 
     @property
     def has_head(self) -> bool:
@@ -223,7 +224,7 @@ class CellscanModel:
         pscore = place_scores(places["patch"]) if "patch" in places else None
         tscore = place_scores(places["texture"]) if "texture" in places else None
         scores, maps = fuse(rscore, rmap, hmap, p.fusion, fusion, gscore, pscore, p.network_weight, tscore,
-                            p.view_weights == "simulated", places)
+                            p.view_weights == "simulated", places, p.separation_power)
         return ScoreResult(scores, rscore, maps, recon, self.threshold)
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:

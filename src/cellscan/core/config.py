@@ -145,6 +145,9 @@ class ScoreParams:
     # hold-out normals when the model was fitted (simulated), or one vote each (equal; bundles fitted
     # without it: equal)
     view_weights: ViewWeights = "simulated"
+    # simulated: the separations are raised to this power before they are shared out (bundles saved before
+    # it: 1, each part by its separation)
+    separation_power: float = 2.0
 
     def __post_init__(self) -> None:
         _check(self.map in MAP_KINDS, "score.map", f"one of {', '.join(MAP_KINDS)}", self.map)
@@ -164,6 +167,7 @@ class ScoreParams:
         )
         _check(self.fusion in FUSIONS, "score.fusion", f"one of {', '.join(FUSIONS)}", self.fusion)
         _check(self.view_weights in VIEW_WEIGHTS, "score.view_weights", "simulated or equal", self.view_weights)
+        _check(0.0 <= self.separation_power <= 8.0, "score.separation_power", "in [0, 8]", self.separation_power)
         _check(0.0 <= self.network_weight <= 10.0, "score.network_weight", "in [0, 10]", self.network_weight)
         _check(0.0 <= self.head_sigma <= 50.0, "score.head_sigma", "in [0, 50]", self.head_sigma)
         _check(0 <= self.global_side <= 256, "score.global_side", "in [0, 256]", self.global_side)
