@@ -449,15 +449,18 @@ def test_texture_view_keeps_its_scales_and_loads_views_saved_before_them():
     odd = normals[:2].copy()
     odd[1, 20:40, 20:40] = 0.5
     view = TextureView.fit(normals, side=64)
-    assert view.scales == TextureView.SCALES and len(TextureView.SCALES) == 4
+    assert view.scales == TextureView.SCALES and len(TextureView.SCALES) == 5
     # five derivative energies per scale and the total, kept as their first DIMS principal components
-    assert view.components.shape == (TextureView.DIMS, 5 * 4 + 1) and view.bank.shape[1] == TextureView.DIMS
+    assert view.components.shape == (TextureView.DIMS, 5 * 5 + 1) and view.bank.shape[1] == TextureView.DIMS
     cov = np.cov(view.bank.T.astype(np.float64))  # principal components: uncorrelated, largest first
     assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-3 * cov[0, 0]
     assert (np.diff(np.diag(cov)) <= 1e-6 * cov[0, 0]).all()
     loaded = TextureView.from_arrays(view.to_arrays())
     assert loaded.scales == view.scales
     np.testing.assert_allclose(loaded.scores(odd), view.scores(odd), rtol=1e-6)
+    four = TextureView.from_arrays(TextureView(view.mean, view.components, view.bank, view.shape,
+                                               scales=(1.0, 2.0, 4.0, 8.0)).to_arrays())
+    assert four.scales == (1.0, 2.0, 4.0, 8.0)  # a view fitted at four scales is read at four
 
     class ThreeScales(TextureView):  # fitted as before the fourth scale and the principal components
         SCALES = TextureView.SAVED_BEFORE_SCALES

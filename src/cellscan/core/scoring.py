@@ -383,13 +383,15 @@ class TextureView(_PlaceView):
     over a neighbourhood (sigma ``POOL``), is taken as its share of the total (how the texture is made:
     grainy or smooth, streaked one way or the other) beside the total itself (how strong it is), all in
     logs. Each feature is standardised over the normals' places and the place is kept as its first
-    ``DIMS`` principal components (16 of 21 keep 99.8% of the variance; the k-d tree searches 16
-    dimensions 2.5 times faster than 21). The bank holds the places of the training normals every
+    ``DIMS`` principal components (16 of 26 keep 99.6% of the variance, 16 of the 21 of four scales
+    99.8%; the k-d tree searches 16 dimensions 2.5 times faster than 21). The bank holds the places of the training normals every
     ``STRIDE`` pixels, all of them up to ``BANK`` (rare normal textures count: on the magnetic tiles
     this view scored 0.78 image AUROC with 8,192 places, 0.89 with 65,536, 0.92 with all 621,000, at
     three scales; the fourth, 8 pixels, which sees the grain of larger structures such as a weld's bead
     or a tile's glaze, took that to 0.949 with 262,144 places, and the weld radiographs from 0.831 to
-    0.856; with 16 components all 621,000 places fit in less time: 0.955), searched with a k-d tree.
+    0.856; with 16 components all 621,000 places fit in less time: 0.955; the fifth, half a pixel, which
+    sees the finest grain left at the working size (a hairline crack, a fray's fibres), to 0.965 with
+    the welds unchanged), searched with a k-d tree.
     Views saved before keep their per-feature scaling (``components`` is then diagonal) and score as
     they did. Each place's distance to its nearest normal texture
     is standardised at its place as in :class:`PatchView`, the normal distances measured by ``FOLDS``
@@ -407,7 +409,7 @@ class TextureView(_PlaceView):
         True
     """
 
-    SCALES, POOL, STRIDE, BANK, DIMS, FOLDS, FLOOR = (1.0, 2.0, 4.0, 8.0), 8.0, 4, 1_048_576, 16, 4, 1e-4
+    SCALES, POOL, STRIDE, BANK, DIMS, FOLDS, FLOOR = (0.5, 1.0, 2.0, 4.0, 8.0), 8.0, 4, 1_048_576, 16, 4, 1e-4
     SAVED_BEFORE_SCALES = (1.0, 2.0, 4.0)  # the scales of views saved before the scales were stored with them
     ORDERS = ((0, 1), (1, 0), (0, 2), (2, 0), (1, 1))
 
