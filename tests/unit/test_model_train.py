@@ -148,6 +148,22 @@ def test_perlin_masks_and_ct_defects_are_local_and_change_the_image():
     assert random_crop(np.zeros((20, 30, 1), np.float32), 24, rng).shape == (24, 24, 1)  # padded when small
 
 
+def test_faint_ct_defect_is_a_soft_change_of_a_few_grains_that_keeps_the_grain():
+    from scipy import ndimage
+
+    from cellscan.core.augment import CT_KINDS, ct_defect
+
+    rng = np.random.default_rng(2)
+    x = (0.5 + 0.03 * rng.standard_normal((64, 64, 1))).astype(np.float32)  # grain about 0.03
+    for _ in range(8):
+        src, mask = ct_defect(x, rng, kind=CT_KINDS.index("faint"))
+        change = (src - x)[..., 0]
+        assert mask.any() and mask.mean() < 0.5
+        assert 0.02 < np.abs(change).max() < 0.2  # a few times the grain, not a flat fill
+        assert np.allclose(change, ndimage.gaussian_filter(change, 0.5), atol=0.02)  # smooth: the grain stays
+        assert np.abs(change[~ndimage.binary_dilation(mask, iterations=3)]).max() < 0.3 * np.abs(change).max()
+
+
 def test_fusion_standardises_both_parts():
     from cellscan.core.scoring import fuse
 
@@ -295,7 +311,8 @@ def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals
     model = trained.model
     m, x, weighted, _ = _with_view_fitted_by_hand(model, dataset_dir, "patch", PatchView)
     sep, family = m.meta["fusion"]["separation"], m.meta["fusion"]["separation_by_family"]
-    assert set(sep) == {"global", "patch", "network"} and sep["patch"] > 1.0  # the bank sees pores, particles, cracks
+    assert set(sep) == {"global", "patch", "network"}
+    assert sep["patch"] > 0.7  # the bank sees pores, particles, cracks (faint smudges less well)
     assert set(family["ct"]) == {"global", "patch"} and set(family["warp"]) == {"global", "patch", "network"}
     assert sep["patch"] == pytest.approx((family["ct"]["patch"] + family["warp"]["patch"]) / 2, abs=1e-3)
     assert sep["network"] == family["warp"]["network"]

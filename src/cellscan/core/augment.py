@@ -8,7 +8,8 @@ sources are procedural or come from the training normals themselves; nothing is 
 - another training image, shifted and turned; the image itself, shifted or rotated
 - smooth noise texture; a flat bright or dark fill; the image with its intensity scaled
 - CT defects: dark voids and pores (ellipses), bright particles (small dots), thin dark cracks
-  (random polylines), and a misaligned band (a strip of the image shifted sideways)
+  (random polylines), a misaligned band (a strip of the image shifted sideways), and faint pores and
+  smudges (a soft dip or bump of a few times the image's grain, the grain left as it is)
 
 One family is kept out of training on purpose: :func:`simulate_warp` (a region of the image bent by a
 smooth displacement, as a bulged winding or a deformed layer would be). No network ever learns it, so it
@@ -133,11 +134,16 @@ def _crack(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return ndimage.binary_dilation(mask) if mask.any() and rng.random() < 0.5 else mask
 
 
-def ct_defect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A CT-like defect in (H, W, C): (source image to blend in, mask)."""
+CT_KINDS = ("void", "particle", "crack", "band", "faint")
+
+
+def ct_defect(x: np.ndarray, rng: np.random.Generator,
+              kind: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like defect in (H, W, C): (source image to blend in, mask); ``kind`` indexes ``CT_KINDS``
+    (drawn at random by default)."""
     h, w = x.shape[:2]
     scale = max(1.0, min(h, w) / 64)
-    kind = int(rng.integers(0, 4))
+    kind = int(rng.integers(0, len(CT_KINDS))) if kind is None else kind
     level = float(np.median(x))
     if kind == 0:  # voids and pores: dark ellipses
         mask = _ellipses((h, w), rng, int(rng.integers(1, 5)), 1.0 * scale, 5.0 * scale)
@@ -148,7 +154,17 @@ def ct_defect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     elif kind == 2:  # thin cracks
         mask = _crack((h, w), rng)
         src = x * rng.uniform(0.0, 0.4)
-    else:  # misaligned band: a strip shifted sideways
+    elif kind == 4:  # faint pores and smudges: a soft dip or bump under the image's own grain, as a
+        # small void or inclusion changes the attenuation a little while the detector's noise stays
+        mask = _ellipses((h, w), rng, int(rng.integers(1, 3)), 0.7 * scale, rng.choice([3.0, 8.0]) * scale)
+        profile = ndimage.gaussian_filter(mask.astype(np.float32), max(0.7, 0.5 * scale))
+        profile /= max(float(profile.max()), 1e-6)
+        gray = x.mean(axis=-1)
+        grain = float((gray - ndimage.gaussian_filter(gray, 2.0 * scale)).std())
+        amp = rng.uniform(1.5, 4.0) * max(grain, 0.01) * rng.choice([-1.0, 1.0])
+        mask = profile > 0.25
+        src = x + amp * profile[..., None]
+    else:  # kind 3, misaligned band: a strip shifted sideways
         band = int(rng.integers(max(2, h // 16), max(3, h // 4)))
         y0 = int(rng.integers(0, h - band + 1))
         mask = np.zeros((h, w), dtype=bool)

@@ -59,8 +59,8 @@ def _simulated_defects(holdout: np.ndarray, per_image: int = 2, least: int = 64,
                        seed: int = 0, simulate: Callable[..., tuple[np.ndarray, np.ndarray]] = simulate_ct_defect,
                        ) -> Iterator[np.ndarray]:
     """Defects simulated on copies of the hold-out images (by default CT-like: voids, particles, cracks,
-    shifted bands; ``simulate_warp`` for local deformations): ``per_image`` each, at least ``least`` in all;
-    yielded ``chunk`` images at a time (the same every call)."""
+    shifted bands, faint smudges; ``simulate_warp`` for local deformations): ``per_image`` each, at least
+    ``least`` in all; yielded ``chunk`` images at a time (the same every call)."""
     rng = np.random.default_rng(seed)
     n = max(per_image * len(holdout), least)
     for start in range(0, n, chunk):
@@ -262,7 +262,8 @@ class CellscanModel:
         With two or more image views, the separation (:func:`~cellscan.core.scoring.separation`) of
         simulated defects from the hold-out images themselves is kept too, and the ``views`` fusion weighs
         its parts by it. Two families are simulated on the hold-out images: CT-like defects (voids,
-        particles, cracks, shifted bands) and local deformations (:func:`~cellscan.core.augment.simulate_warp`).
+        particles, cracks, shifted bands, faint smudges) and local deformations
+        (:func:`~cellscan.core.augment.simulate_warp`).
         An image view, which never learns from defects, is measured on both (the mean of the two
         separations). The network is measured on the deformations alone: its head is trained on CT-like
         defects, so on those it would always look best, while no network ever sees a deformation. Both

@@ -550,9 +550,9 @@ def view_weights(separations: dict[str, float] | None, present: list[str], power
     best view. The square (``score.separation_power`` 2, the default) gives the better-separating view the
     larger share: see the README's detection figures.
 
-    The simulated defects are local (voids, particles, cracks, shifted bands), so a view made for what is
-    wrong with a whole image is measured by them only in part: its separation can read near 0 on a set
-    whose real defects it sees. The floor keeps such a view in the score at a quarter of a vote rather than
+    The simulated defects are local (voids, particles, cracks, shifted bands, faint smudges), so a view
+    made for what is wrong with a whole image is measured by them only in part: its separation can read
+    near 0 on a set whose real defects it sees. The floor keeps such a view in the score at a quarter of a vote rather than
     silencing it.
 
     Example:
