@@ -552,8 +552,8 @@ def view_weights(separations: dict[str, float] | None, present: list[str], power
 
     The simulated defects are local (voids, particles, cracks, shifted bands, faint smudges), so a view
     made for what is wrong with a whole image is measured by them only in part: its separation can read
-    near 0 on a set whose real defects it sees. The floor keeps such a view in the score at a quarter of a vote rather than
-    silencing it.
+    near 0 on a set whose real defects it sees. The floor keeps such a view in the score at a quarter of a
+    vote rather than silencing it.
 
     Example:
         >>> view_weights({"global": 0.4, "patch": 1.2, "texture": 1.4}, ["global", "patch", "texture"])
