@@ -154,22 +154,22 @@ def ct_defect(x: np.ndarray, rng: np.random.Generator,
     elif kind == 2:  # thin cracks
         mask = _crack((h, w), rng)
         src = x * rng.uniform(0.0, 0.4)
-    elif kind == 4:  # faint pores and smudges: a soft dip or bump under the image's own grain, as a
+    elif kind == 3:  # misaligned band: a strip shifted sideways
+        band = int(rng.integers(max(2, h // 16), max(3, h // 4)))
+        y0 = int(rng.integers(0, h - band + 1))
+        mask = np.zeros((h, w), dtype=bool)
+        mask[y0 : y0 + band] = True
+        src = np.roll(x, int(rng.choice([-1, 1]) * rng.integers(2, max(3, w // 8))), axis=1)
+    else:  # kind 4, faint pores and smudges: a soft dip or bump under the image's own grain, as a
         # small void or inclusion changes the attenuation a little while the detector's noise stays
-        mask = _ellipses((h, w), rng, int(rng.integers(1, 3)), 0.7 * scale, rng.choice([3.0, 8.0]) * scale)
-        profile = ndimage.gaussian_filter(mask.astype(np.float32), max(0.7, 0.5 * scale))
+        core = _ellipses((h, w), rng, int(rng.integers(1, 3)), 0.7 * scale, rng.choice([3.0, 8.0]) * scale)
+        profile = ndimage.gaussian_filter(core.astype(np.float32), max(0.7, 0.5 * scale))
         profile /= max(float(profile.max()), 1e-6)
         gray = x.mean(axis=-1)
         grain = float((gray - ndimage.gaussian_filter(gray, 2.0 * scale)).std())
         amp = rng.uniform(1.5, 4.0) * max(grain, 0.01) * rng.choice([-1.0, 1.0])
         mask = profile > 0.25
         src = x + amp * profile[..., None]
-    else:  # kind 3, misaligned band: a strip shifted sideways
-        band = int(rng.integers(max(2, h // 16), max(3, h // 4)))
-        y0 = int(rng.integers(0, h - band + 1))
-        mask = np.zeros((h, w), dtype=bool)
-        mask[y0 : y0 + band] = True
-        src = np.roll(x, int(rng.choice([-1, 1]) * rng.integers(2, max(3, w // 8))), axis=1)
     return src.astype(np.float32), mask
 
 
