@@ -24,6 +24,7 @@ def test_repo_params_load_into_typed_groups():
         ("train:\n  epochs: 0\n", "train.epochs must be between 1 and 10000, got 0"),
         ("train:\n  epochz: 3\n", "unknown key"),
         ("score:\n  map: l3\n", "score.map must be one of l2, ssim, l2_ssim"),
+        ("score:\n  view_scale: 2\n", r"score.view_scale must be in \[0, 1\], got 2"),
         ("trian: {}\n", "unknown group"),
         ("train:\n  epochs: three\n", "train.epochs must be int"),
     ],

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from cellscan.core.bundle import CellscanModel
 from cellscan.core.augment import blob_mask, simulate_anomaly
-from cellscan.core.config import ModelParams
+from cellscan.core.config import ModelParams, ScoreParams
 from cellscan.errors import ImageError, ModelError
 from cellscan.core.model import build_network
 from cellscan.core.scoring import MIN_VOTE, aggregate, separation, view_weights
@@ -291,6 +291,20 @@ def test_patch_view_joins_the_sum_and_survives_save_and_load(trained, dataset_di
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-patches"))
     assert (tmp_path / "with-patches" / "patch_view.npz").is_file()
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)
+
+
+def test_larger_images_keep_their_views_at_half_the_working_size(trained):
+    """A 320-pixel working size gets its patch and texture views at 160 pixels (``view_scale`` 0.5), not
+    squeezed to ``patch_side`` / ``texture_side`` (128); ``view_scale`` 0 keeps the fixed side."""
+    rng = np.random.default_rng(0)
+    normals = (0.5 + 0.05 * rng.standard_normal((4, 320, 240, 1))).astype(np.float32)
+    halved = trained.model.with_score_params(ScoreParams())
+    halved.fit_global(normals)
+    assert halved.patch_view.shape == (160, 120) and halved.texture_view.shape == (160, 120)
+    fixed = trained.model.with_score_params(ScoreParams(view_scale=0.0))
+    fixed.fit_global(normals)
+    assert fixed.patch_view.shape == (128, 96) and fixed.texture_view.shape == (128, 96)
+    assert trained.model.patch_view is None  # the copies' fits leave the session's model alone
 
 
 def test_views_are_weighed_by_how_well_each_tells_simulated_defects_from_normals(trained, dataset_dir):

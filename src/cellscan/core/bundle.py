@@ -246,15 +246,19 @@ class CellscanModel:
         """Fit the whole-image, patch and texture views on normal images (the training images).
 
         None when ``global_side`` / ``patch_side`` / ``texture_side`` is 0; no patch or texture view for
-        working sizes under ``PatchView.MIN_SIDE``.
+        working sizes under ``PatchView.MIN_SIDE``. The patch and texture views work at ``patch_side`` /
+        ``texture_side`` pixels on the long side, or at ``view_scale`` of the working long side where that
+        is more (:meth:`~cellscan.core.config.ScoreParams.view_side`).
         """
         p = self.score_params
         use_global = p.global_side and len(normals) > 1
         self.global_view = GlobalView.fit(normals, p.global_side) if use_global else None
-        use_patch = p.patch_side and len(normals) > 1 and PatchView.usable(normals.shape[1:3], p.patch_side)
-        self.patch_view = PatchView.fit(normals, p.patch_side) if use_patch else None
-        use_texture = p.texture_side and len(normals) > 1 and TextureView.usable(normals.shape[1:3], p.texture_side)
-        self.texture_view = TextureView.fit(normals, p.texture_side) if use_texture else None
+        shape = normals.shape[1:3]
+        patch_side, texture_side = p.view_side(p.patch_side, shape), p.view_side(p.texture_side, shape)
+        use_patch = patch_side and len(normals) > 1 and PatchView.usable(shape, patch_side)
+        self.patch_view = PatchView.fit(normals, patch_side) if use_patch else None
+        use_texture = texture_side and len(normals) > 1 and TextureView.usable(shape, texture_side)
+        self.texture_view = TextureView.fit(normals, texture_side) if use_texture else None
 
     def fit_stats(self, holdout: np.ndarray) -> None:
         """Standardise maps and scores by what normal hold-out images (not seen in fitting) show.

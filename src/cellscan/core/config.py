@@ -141,6 +141,9 @@ class ScoreParams:
     global_side: int = 16  # long side of the whole-image view whose PCA residual joins the sum (0 = off)
     patch_side: int = 128  # long side at which windows are compared with the normals' bank (0 = off)
     texture_side: int = 128  # long side at which local textures are compared with the normals' bank (0 = off)
+    # patch and texture views: at least this share of the working long side (a larger image keeps its
+    # views' pixels as fine as a 256-pixel one's); 0: at patch_side / texture_side whatever the size
+    view_scale: float = 0.5
     # views: each part (image views and the network) weighted by how well it told simulated defects from
     # hold-out normals when the model was fitted (simulated), or one vote each (equal; bundles fitted
     # without it: equal)
@@ -175,6 +178,18 @@ class ScoreParams:
         _check(patch_ok, "score.patch_side", "0 or in [16, 1024]", self.patch_side)
         texture_ok = self.texture_side == 0 or 16 <= self.texture_side <= 1024
         _check(texture_ok, "score.texture_side", "0 or in [16, 1024]", self.texture_side)
+        _check(0.0 <= self.view_scale <= 1.0, "score.view_scale", "in [0, 1]", self.view_scale)
+
+    def view_side(self, side: int, shape: tuple[int, ...]) -> int:
+        """The long side a patch or texture view configured at ``side`` works at for images of ``shape``
+        (H, W): ``side``, or ``view_scale`` of the long side where that is more; 0 when the view is off.
+
+        Example:
+            >>> p = ScoreParams()
+            >>> p.view_side(128, (256, 256)), p.view_side(128, (512, 384)), p.view_side(0, (512, 512))
+            (128, 256, 0)
+        """
+        return max(side, round(self.view_scale * max(shape[:2]))) if side else 0
 
 
 GATE_METRICS: tuple[str, ...] = ("image_auroc", "image_aupr", "f1", "precision", "recall", "pixel_auroc")
