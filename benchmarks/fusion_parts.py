@@ -72,9 +72,10 @@ for side in (16, 32):
     res[f"r+h+g{side}"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge, gh))
     res[f"r+g{side}"] = roc_auc_score(labels, z(re, rh) + z(ge, gh))
     res[f"max(rhg{side})"] = roc_auc_score(labels, np.maximum.reduce([z(re, rh), z(he, hh), z(ge, gh)]))
-if p.score.patch_side and PatchView.usable(shape, p.score.patch_side):
+patch_side = p.score.view_side(p.score.patch_side, shape)
+if patch_side and PatchView.usable(shape, patch_side):
     # The patch view as training fits it (on the fitting images), so cached models made before it get it too.
-    view = PatchView.fit(xf, p.score.patch_side)
+    view = PatchView.fit(xf, patch_side)
     ph, pe = view.scores(xh), view.scores(xe)
     res["patch"] = roc_auc_score(labels, pe)
     res["r+h+g16+p"] = roc_auc_score(labels, z(re, rh) + z(he, hh) + z(ge16, gh16) + z(pe, ph))
