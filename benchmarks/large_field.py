@@ -45,9 +45,8 @@ def build_mosaics(category: Path, out: Path, seed: int = 0) -> Path:
 
     def save(paths: list[Path], path: Path) -> None:
         t = [read(p) for p in paths]
-        a = np.block([[t[0], t[1]], [t[2], t[3]]])
-        eight = np.abs(a * 255 - np.round(a * 255)).max() < 1e-3  # 8-bit tiles stay 8-bit, 16-bit ones 16-bit
-        save_png(a, path, bit_depth=8 if eight else 16)
+        # 16-bit: 16-bit tiles kept as they are, 8-bit ones exactly too (v / 255 is v * 257 / 65535)
+        save_png(np.block([[t[0], t[1]], [t[2], t[3]]]), path, bit_depth=16)
 
     train = [ds.train[i] for i in rng.permutation(len(ds.train))]
     for k in range(len(train) // 4):

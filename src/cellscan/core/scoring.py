@@ -385,13 +385,13 @@ class TextureView(_PlaceView):
     logs. Each feature is standardised over the normals' places and the place is kept as its first
     ``DIMS`` principal components (16 of 26 keep 99.6% of the variance, 16 of the 21 of four scales
     99.8%; the k-d tree searches 16 dimensions 2.5 times faster than 21). The bank holds the places of
-    the training normals every ``STRIDE`` pixels, all of them up to ``BANK`` (rare normal textures count:
-    on the magnetic tiles this view scored 0.78 image AUROC with 8,192 places, 0.89 with 65,536, 0.92 with all 621,000, at
-    three scales; the fourth, 8 pixels, which sees the grain of larger structures such as a weld's bead
-    or a tile's glaze, took that to 0.949 with 262,144 places, and the weld radiographs from 0.831 to
-    0.856; with 16 components all 621,000 places fit in less time: 0.955; the fifth, half a pixel, which
-    sees the finest grain left at the working size (a hairline crack, a fray's fibres), to 0.965 with
-    the welds unchanged), searched with a k-d tree.
+    the training normals every ``STRIDE`` pixels, all of them up to ``BANK`` (rare normal textures count: on
+    the magnetic tiles this view scored 0.78 image AUROC with 8,192 places, 0.89 with 65,536, 0.92 with all
+    621,000, at three scales; the fourth, 8 pixels, which sees the grain of larger structures such as a weld's
+    bead or a tile's glaze, took that to 0.949 with 262,144 places, and the weld radiographs from 0.831 to
+    0.856; with 16 components all 621,000 places fit in less time: 0.955; the fifth, half a pixel, which sees
+    the finest grain left at the working size (a hairline crack, a fray's fibres), to 0.965 with the welds
+    unchanged), searched with a k-d tree.
     Views saved before keep their per-feature scaling (``components`` is then diagonal) and score as
     they did. Each place's distance to its nearest normal texture
     is standardised at its place as in :class:`PatchView`, the normal distances measured by ``FOLDS``
