@@ -30,6 +30,7 @@ if not CHROMIUM or not DRIVER:
 
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -180,7 +181,10 @@ def test_rollback_from_the_models_page_serves_the_older_version(browser, served,
         browser.get(f"{served['base']}/ui/models")
         assert browser.find_element(By.ID, "serving").text == "2"
         _key(browser)
+        page = browser.find_element(By.TAG_NAME, "html")
         browser.find_element(By.ID, "rollback-1").click()
+        # the page reloads itself 0.6 s after a rollback: wait for that reload, or it may cancel the next test's get()
+        WebDriverWait(browser, 60).until(EC.staleness_of(page))
         WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: d.find_element(By.ID, "serving").text == "1")
         _wait_version(served, 1)
@@ -193,6 +197,7 @@ def test_rollback_from_the_models_page_serves_the_older_version(browser, served,
 @pytest.mark.parametrize("path", ["/docs", "/ui/api"])
 def test_api_docs_page_offline(browser, served, path):  # noqa: F811
     browser.get(served["base"] + path)
+    assert browser.current_url == served["base"] + path
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "POST /predict" in body and "POST /ui/scans/{scan_id}/verdict" in body and '"error"' in body
     links = browser.execute_script(
