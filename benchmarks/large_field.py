@@ -4,10 +4,11 @@ Builds 2 x 2 mosaics of a category's tiles in a temporary folder (never in the r
 licences are research-only): each training tile once, each normal test mosaic four different normal
 test tiles, each defect mosaic one defect tile among three normal ones, every tile at the category's
 working size. A 256-pixel set becomes a 512-pixel one at the same pixel pitch (a larger field of view,
-as a cast part or a whole cell is beside one weld tile). Then fits each view on the mosaics' fitting images, as training does, at the fixed side
-(``score.view_scale: 0``: 128 pixels, a quarter of the working size) and at the default (half of it), and
-prints and writes image AUROC and seconds. ``--keep DIR`` keeps the mosaics (as ``DIR/mosaic/<category>``) for
-``benchmarks/detection.py --root DIR`` to train the whole product on them.
+as a cast part or a whole cell is beside one weld tile). Then fits each view on the mosaics' fitting
+images, as training does, at the fixed side (``score.view_scale: 0``: 128 pixels, a quarter of the
+working size) and at the default (half of it), and prints and writes image AUROC and seconds.
+``--keep DIR`` keeps the mosaics (as ``DIR/mosaic/<category>``) for ``benchmarks/detection.py --root DIR``
+to train the whole product on them.
 
     python benchmarks/large_field.py [--category gdxray_welds/weld_radiograph] [--keep DIR]
 """

@@ -183,7 +183,8 @@ def test_rollback_from_the_models_page_serves_the_older_version(browser, served,
         _key(browser)
         page = browser.find_element(By.TAG_NAME, "html")
         browser.find_element(By.ID, "rollback-1").click()
-        # the page reloads itself 0.6 s after a rollback: wait for that reload, or it may cancel the next test's get()
+        # the page reloads itself 0.6 s after a rollback: wait for that reload, or it may cancel the next
+        # test's get()
         WebDriverWait(browser, 60).until(EC.staleness_of(page))
         WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: d.find_element(By.ID, "serving").text == "1")
