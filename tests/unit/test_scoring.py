@@ -126,3 +126,41 @@ def test_views_heatmap_adds_each_place_map_where_it_points():
     np.testing.assert_allclose(same, net_map)  # no place maps given: the network's map as before
     _, summed = fuse(scores, net_map, None, "sum", st, patch_scores=place_scores(grid), place_maps={"patch": grid})
     np.testing.assert_allclose(summed, net_map)  # sum (older bundles) keeps the network's map
+
+
+def _two_pattern_normals(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Normals made of two fixed 16 x 16 patterns in random amounts, plus a little noise: (images, patterns)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    patterns = np.stack([np.sin(3 * xx), np.cos(2 * yy)])
+    amounts = rng.standard_normal((n, 2))
+    x = 0.5 + 0.1 * np.einsum("nk,khw->nhw", amounts, patterns) + 0.005 * rng.standard_normal((n, 16, 16))
+    return x[..., None].astype(np.float32), patterns
+
+
+def test_global_view_sees_an_image_inside_the_normal_subspace_but_far_along_it():
+    """T^2: an image made of the normals' own patterns, but in an amount no normal shows, leaves no residual;
+    the residual alone (views saved before T^2) scores it about as high as the normals, the combined score far above."""
+    from cellscan.core.scoring import GlobalView
+
+    normals, patterns = _two_pattern_normals()
+    view = GlobalView.fit(normals, side=16)
+    far = (0.5 + 0.1 * 8.0 * patterns[0])[None, ..., None].astype(np.float32)  # eight spreads along pattern 0
+    residual, t2 = view._readings(view._small(far))
+    assert residual[0] < 3 * view.norms[0] and t2[0] > 30
+    fresh = _two_pattern_normals(seed=1)[0][:20]
+    assert view.scores(far)[0] > 5 * view.scores(fresh).max()
+    older = GlobalView.from_arrays({k: v for k, v in view.to_arrays().items() if k not in ("spread", "norms")})
+    assert older.spread is None
+    np.testing.assert_allclose(older.scores(far), residual.astype(np.float32))
+    assert older.scores(far)[0] < 2 * older.scores(fresh).max()
+
+
+def test_global_view_round_trips_with_its_spreads():
+    from cellscan.core.scoring import GlobalView
+
+    normals, _ = _two_pattern_normals()
+    view = GlobalView.fit(normals[:40], side=8)
+    again = GlobalView.from_arrays(view.to_arrays())
+    np.testing.assert_allclose(again.scores(normals[40:]), view.scores(normals[40:]), rtol=1e-6)
+    assert again.norms == pytest.approx(view.norms)

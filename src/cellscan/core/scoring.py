@@ -129,11 +129,17 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
 
 
 class GlobalView:
-    """The whole image at a few hundred pixels, projected on the principal components of normal images.
+    """The whole image at a few hundred pixels, against the principal components of normal images.
 
-    The squared residual of that projection (its mean is the image score) is large where an image as a
-    whole departs from every normal one, whatever the networks' windows see. ``side`` is the long side
-    of the small view; the short side keeps the working aspect ratio.
+    Two readings of one projection, as in multivariate process monitoring: the squared residual (the
+    part of the image outside the normals' principal subspace; SPE or Q) and Hotelling's T^2 (how far
+    the image's coordinates inside that subspace lie from the normals', each component by its own
+    spread). A shape that is another shape can sit mostly *inside* the subspace (a 7 is largely made of a
+    9's strokes), where only T^2 sees it; a shadow or a shift that no normal shows sits outside it. The
+    image score adds the two, each over its mean on the fitting normals (Yue and Qin's combined index
+    with means for limits), so each reads about 1 on a normal image. Views saved before T^2 (no
+    ``spread``) score the residual alone, as they did. ``side`` is the long side of the small view; the
+    short side keeps the working aspect ratio.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -143,10 +149,20 @@ class GlobalView:
         >>> other = normals[:1].transpose(0, 2, 1, 3)   # the gradient turned by a quarter
         >>> bool(g.scores(other)[0] > 10 * g.scores(normals[:5]).max())
         True
+        >>> small = normals[:, ::2, ::2]   # 8 x 8: the view is the image itself
+        >>> g = GlobalView.fit(small, side=8)
+        >>> far = small[:1] + 30 * g.spread[0] * g.components[0].reshape(1, 8, 8, 1)   # inside the subspace
+        >>> residual, t2 = g._readings(g._small(far))
+        >>> bool(residual[0] < 2 * g.norms[0]), bool(g.scores(far)[0] > 3 * g.scores(small[:5]).max())
+        (True, True)
     """
 
-    def __init__(self, mean: np.ndarray, components: np.ndarray, shape: tuple[int, int]) -> None:
+    def __init__(self, mean: np.ndarray, components: np.ndarray, shape: tuple[int, int],
+                 spread: np.ndarray | None = None, norms: tuple[float, float] | None = None) -> None:
         self.mean, self.components, self.shape = mean, components, (int(shape[0]), int(shape[1]))
+        # each component's spread on the fitting normals, and the residual's and T^2's means there;
+        # None in views saved before T^2
+        self.spread, self.norms = spread, norms
 
     @staticmethod
     def small_shape(shape: tuple[int, int], side: int) -> tuple[int, int]:
@@ -169,20 +185,41 @@ class GlobalView:
         share = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-12)
         k = min(int(np.searchsorted(share, variance)) + 1, len(s))
         view.components = vt[:k]
+        total = float(np.sum(s**2)) / max(len(flat) - 1, 1)
+        # A floor on both: a component (or a residual) that hardly varies on few normals must not explode.
+        view.spread = np.maximum(s[:k] / np.sqrt(max(len(flat) - 1, 1)), max(np.sqrt(1e-6 * total), 1e-3))
+        residual, t2 = view._readings(flat)
+        view.norms = (max(float(residual.mean()), 1e-3 * total / flat.shape[1], 1e-12), float(k))
         return view
 
+    def _readings(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean squared residual, T^2) of flattened small images (N, pixels)."""
+        d = flat - self.mean
+        z = d @ self.components.T
+        res = d - z @ self.components
+        t2 = ((z / self.spread) ** 2).sum(axis=1) if self.spread is not None else np.zeros(len(d))
+        return (res**2).mean(axis=1), t2
+
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Mean squared residual of each image (N,) after projection on the normal components."""
-        d = self._small(x) - self.mean
-        res = d - (d @ self.components.T) @ self.components
-        return (res**2).mean(axis=1).astype(np.float32)
+        """Each image's score (N,): residual and T^2 each over its normal mean, added (views saved before
+        T^2: the mean squared residual)."""
+        residual, t2 = self._readings(self._small(x))
+        if self.spread is None or self.norms is None:
+            return residual.astype(np.float32)
+        return (residual / self.norms[0] + t2 / self.norms[1]).astype(np.float32)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "components": self.components, "shape": np.array(self.shape)}
+        out = {"mean": self.mean, "components": self.components, "shape": np.array(self.shape)}
+        if self.spread is not None and self.norms is not None:
+            out |= {"spread": self.spread, "norms": np.array(self.norms)}
+        return out
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> GlobalView:
-        return cls(a["mean"], a["components"], tuple(int(v) for v in a["shape"]))  # type: ignore[arg-type]
+        shape = (int(a["shape"][0]), int(a["shape"][1]))
+        if "spread" in a:
+            return cls(a["mean"], a["components"], shape, a["spread"], (float(a["norms"][0]), float(a["norms"][1])))
+        return cls(a["mean"], a["components"], shape)
 
 
 def place_scores(place_maps: np.ndarray) -> np.ndarray:
