@@ -188,7 +188,7 @@ class GlobalView:
         total = float(np.sum(s**2)) / max(len(flat) - 1, 1)
         # A floor on both: a component (or a residual) that hardly varies on few normals must not explode.
         view.spread = np.maximum(s[:k] / np.sqrt(max(len(flat) - 1, 1)), max(np.sqrt(1e-6 * total), 1e-3))
-        residual, t2 = view._readings(flat)
+        residual = view._readings(flat)[0]  # T^2 averages about k there by construction
         view.norms = (max(float(residual.mean()), 1e-3 * total / flat.shape[1], 1e-12), float(k))
         return view
 
