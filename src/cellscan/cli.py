@@ -73,6 +73,15 @@ def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     return t
 
 
+def _area_table(by_area: dict[str, dict[str, float]], shape: tuple[int, int]) -> Table:
+    t = Table(title=f"by defect size (marked pixels at {shape[1]} x {shape[0]})")
+    for name in ("pixels", "defects", "image AUROC", "recall"):
+        t.add_column(name, justify="right")
+    for band, m in by_area.items():
+        t.add_row(band, str(m["n"]), _num(m["image_auroc"]), _num(m["recall"]))
+    return t
+
+
 def _dump(obj: Any) -> None:
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
@@ -171,7 +180,7 @@ def train(
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text(json.dumps(res.evaluation.metrics, indent=2))
     if as_json:
-        _dump(summary | {"per_defect_auroc": res.evaluation.per_defect()})
+        _dump(summary | {"per_defect_auroc": res.evaluation.per_defect(), "by_area": res.evaluation.by_area()})
     else:
         out.print(_metrics_table(f"trained model -> {model_dir}", summary))
 
@@ -202,12 +211,15 @@ def evaluate(
     if plots_dir:
         _write_plots(ev, plots_dir)
     per_defect = ev.per_defect() if ds.anomalies else {}
+    by_area = ev.by_area()
     if as_json:
-        _dump(ev.metrics | {"per_defect_auroc": per_defect})
+        _dump(ev.metrics | {"per_defect_auroc": per_defect, "by_area": by_area})
     else:
         out.print(_metrics_table(f"evaluation of {model_dir} on {ds.root}", ev.metrics))
         if per_defect:
             out.print(_metrics_table("image AUROC per defect type", per_defect))
+        if by_area:
+            out.print(_area_table(by_area, model.shape))
 
 
 def _write_plots(ev: Any, folder: Path) -> None:

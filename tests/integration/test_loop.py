@@ -54,6 +54,7 @@ def test_train_flow_registers_a_champion_with_its_data_version(project, settings
     assert ds.dataset.digest == data_hash(project)
     assert run.data.tags["data_hash"] == data_hash(project)
     assert "image_auroc" in run.data.metrics and "epoch_loss" in run.data.metrics
+    assert any(name.startswith("auroc_area_") for name in run.data.metrics)  # detection by defect size
     assert run.data.metrics["threshold"] == pytest.approx(rows[0]["threshold"])
     mc = mlflow.MlflowClient()
     hist = mc.get_metric_history(out["run_id"], "epoch_loss")  # logged live, one point per epoch

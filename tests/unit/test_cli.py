@@ -30,6 +30,9 @@ def test_evaluate_and_predict_json(trained, model_dir, dataset_dir, tmp_path, pa
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
     assert metrics["image_auroc"] == trained.evaluation.metrics["image_auroc"]
+    sizes = metrics["by_area"]  # the synthetic defects are marked: each counted once, in its size band
+    assert sum(band["n"] for band in sizes.values()) == metrics["n_anomaly"] and sizes
+    assert all(0.0 <= band["image_auroc"] <= 1.0 for band in sizes.values())
 
     img = next((dataset_dir / "test" / "void").glob("*.png"))
     res = runner.invoke(app, ["predict", str(img), "-m", str(model_dir), "--json", "--heatmaps", str(tmp_path / "h")])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cellscan.core.config import ScoreParams
-from cellscan.core.evaluate import image_metrics, pixel_auroc
+from cellscan.core.evaluate import Evaluation, image_metrics, pixel_auroc
 from cellscan.core.scoring import (
     MapStats,
     aggregate,
@@ -92,6 +92,24 @@ def test_image_metrics_by_hand():
     assert m["image_auroc"] == pytest.approx(0.75)  # 3 of 4 normal/anomaly pairs ordered right
     assert (m["precision"], m["recall"]) == (pytest.approx(2 / 3), 1.0)
     assert m["f1"] == pytest.approx(0.8)
+
+
+def test_detection_by_defect_size_counts_each_band_against_all_normals():
+    masks = np.zeros((6, 16, 16), bool)
+    masks[2, :2, :3] = True  # 6 px
+    masks[3, :5, :5] = True  # 25 px
+    masks[4, :8, :8] = True  # 64 px
+    masks[5, :4, :8] = True  # 32 px
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    scores = np.array([0.2, 0.6, 0.1, 0.5, 0.9, 0.7])
+    ev = Evaluation(0.55, {}, labels, scores, ["good"] * 2 + ["void"] * 4, [], np.zeros((6, 16, 16)), masks)
+    got = ev.by_area()
+    assert list(got) == ["1-16", "16-40", "40-100"]
+    assert got["1-16"] == {"n": 1, "image_auroc": 0.0, "recall": 0.0}  # below both normals
+    assert got["16-40"]["n"] == 2 and got["16-40"]["image_auroc"] == pytest.approx(0.75)  # 0.5 beats 0.2 only
+    assert got["16-40"]["recall"] == pytest.approx(0.5)  # 0.7 over the threshold, 0.5 not
+    assert got["40-100"] == {"n": 1, "image_auroc": 1.0, "recall": 1.0}
+    assert Evaluation(0.5, {}, labels, scores, [], [], np.zeros((6, 16, 16))).by_area() == {}  # no masks
 
 
 def test_pixel_auroc():

@@ -1,4 +1,5 @@
-"""Detection metrics: image AUROC/AUPR, precision/recall/F1 at the threshold, pixel AUROC."""
+"""Detection metrics: image AUROC/AUPR, precision/recall/F1 at the threshold, pixel AUROC, and both by defect
+type and by defect size."""
 
 from __future__ import annotations
 
@@ -57,6 +58,24 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray, max_pixels: int = 2_000_000
     return float(roc_auc_score(y, s))
 
 
+# bands of a defect's marked area, in pixels of the mask at the model's working size (4 x 4 px, 6 x 6, 10 x 10,
+# 17 x 17, 32 x 32 squares at the bounds): the band's lower bound, inclusive
+AREA_BANDS = (1, 16, 40, 100, 300, 1000)
+
+
+def area_band(area: float) -> str:
+    """The :data:`AREA_BANDS` label of a defect's marked area in pixels: ``"16-40"``, ..., ``"1000+"``.
+
+    Example:
+        >>> area_band(12), area_band(16), area_band(299), area_band(5000)
+        ('1-16', '16-40', '100-300', '1000+')
+    """
+    i = int(np.searchsorted(AREA_BANDS, area, side="right")) - 1
+    if i < 0:
+        return "0"
+    return f"{AREA_BANDS[i]}+" if i == len(AREA_BANDS) - 1 else f"{AREA_BANDS[i]}-{AREA_BANDS[i + 1]}"
+
+
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
     """ROC curve points for plots."""
     fpr, tpr, thr = roc_curve(labels.astype(int), scores)
@@ -83,6 +102,35 @@ class Evaluation:
         for d in sorted(set(self.defects) - {"good"}):
             sel = normal | np.array([x == d for x in self.defects])
             out[d] = float(roc_auc_score(self.labels[sel], self.scores[sel]))
+        return out
+
+    def by_area(self) -> dict[str, dict[str, float]]:
+        """How detection depends on a defect's size: the known anomalies grouped by their marked area
+        (pixels of the mask at the working size, :data:`AREA_BANDS`), each band's count, its image AUROC
+        against all validation normals and its recall at the threshold. ``{}`` without masks or normals;
+        anomalies with an empty mask (band ``"0"``) are counted too. What an inspection line asks of a
+        model is the smallest defect it finds: an AUROC over all defects hides that when large ones
+        dominate.
+
+        Example:
+            >>> masks = np.zeros((4, 8, 8), bool); masks[2, :2, :2] = True; masks[3, :6, :6] = True
+            >>> ev = Evaluation(1.0, {}, np.array([0, 0, 1, 1]), np.array([0.2, 0.9, 0.5, 3.0]),
+            ...                 ["good", "good", "void", "void"], [], np.zeros((4, 8, 8)), masks)
+            >>> ev.by_area()   # the 4-pixel void scores below one normal; the 36-pixel one above both
+            {'1-16': {'n': 1, 'image_auroc': 0.5, 'recall': 0.0}, '16-40': {'n': 1, 'image_auroc': 1.0, 'recall': 1.0}}
+        """
+        normal = self.labels == 0
+        if self.masks is None or not normal.any():
+            return {}
+        areas = self.masks.reshape(len(self.masks), -1).sum(axis=1)
+        bands = [area_band(float(a)) if label == 1 else "" for a, label in zip(areas, self.labels)]
+        out = {}
+        for band in sorted(set(bands) - {""}, key=lambda b: float(b.split("-")[0].rstrip("+"))):
+            sel = np.array([b == band for b in bands])
+            both = normal | sel
+            out[band] = {"n": int(sel.sum()),
+                         "image_auroc": float(roc_auc_score(self.labels[both], self.scores[both])),
+                         "recall": float(np.mean(self.scores[sel] > self.threshold))}
         return out
 
 

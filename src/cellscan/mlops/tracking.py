@@ -180,6 +180,8 @@ def log_training(
     extra = {"threshold": model.threshold} | ({"train_seconds": seconds} if seconds is not None else {})
     if (evaluation.labels == 1).any() and (evaluation.labels == 0).any():
         extra |= {f"auroc_{d}": v for d, v in evaluation.per_defect().items()}
+        extra |= {f"auroc_area_{band.replace('+', '_up')}": m["image_auroc"]
+                  for band, m in evaluation.by_area().items()}
     batch += [Metric(k, v, now, 0) for k, v in (metrics | finite(extra)).items()]
     for i in range(0, len(batch), 900):
         mc.log_batch(run.run_id, metrics=batch[i : i + 900])
