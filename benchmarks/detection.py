@@ -153,6 +153,7 @@ def run_cellscan(p: Params, ds: Dataset) -> dict[str, float]:
     return score_parts(res.model, ds) | {
         "image_auroc": res.evaluation.metrics["image_auroc"],
         "pixel_auroc": res.evaluation.metrics.get("pixel_auroc", float("nan")),
+        "by_area": res.evaluation.by_area(),
         "train_seconds": res.seconds,
         "epochs": res.epochs,
         "n_params": meta.get("n_params", 0),
@@ -249,7 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print()
         print(format_table(shown, ["cellscan", *extra], mean_over_all=False))
+    sizes = format_by_area(shown)
+    if sizes:
+        print()
+        print(sizes)
     return 0
+
+
+def format_by_area(results: dict[str, dict[str, dict[str, object]]]) -> str:
+    """cellscan's image AUROC by defect size (marked pixels at the working size) where the set has masks:
+    one line per category, each band as ``pixels: AUROC (defects)``."""
+    lines = []
+    for key, row in results.items():
+        bands = row.get("cellscan", {}).get("by_area") or {}
+        if bands:
+            cells = "  ".join(f"{b}: {m['image_auroc']:.3f} ({m['n']})" for b, m in bands.items())
+            lines.append(f"{key:32s} {cells}")
+    return "cellscan image AUROC by defect size, marked pixels (defects)\n" + "\n".join(lines) if lines else ""
 
 
 if __name__ == "__main__":
