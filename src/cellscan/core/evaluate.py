@@ -70,10 +70,14 @@ def area_band(area: float) -> str:
         >>> area_band(12), area_band(16), area_band(299), area_band(5000)
         ('1-16', '16-40', '100-300', '1000+')
     """
-    i = int(np.searchsorted(AREA_BANDS, area, side="right")) - 1
-    if i < 0:
+    return _band_label(int(np.searchsorted(AREA_BANDS, area, side="right")))
+
+
+def _band_label(i: int) -> str:
+    """Label of band ``i`` as :func:`numpy.searchsorted` (side right) numbers them: 0 below the first bound."""
+    if i == 0:
         return "0"
-    return f"{AREA_BANDS[i]}+" if i == len(AREA_BANDS) - 1 else f"{AREA_BANDS[i]}-{AREA_BANDS[i + 1]}"
+    return f"{AREA_BANDS[i - 1]}+" if i == len(AREA_BANDS) else f"{AREA_BANDS[i - 1]}-{AREA_BANDS[i]}"
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
@@ -122,15 +126,14 @@ class Evaluation:
         normal = self.labels == 0
         if self.masks is None or not normal.any():
             return {}
-        areas = self.masks.reshape(len(self.masks), -1).sum(axis=1)
-        bands = [area_band(float(a)) if label == 1 else "" for a, label in zip(areas, self.labels)]
+        band = np.searchsorted(AREA_BANDS, self.masks.reshape(len(self.masks), -1).sum(axis=1), side="right")
         out = {}
-        for band in sorted(set(bands) - {""}, key=lambda b: float(b.split("-")[0].rstrip("+"))):
-            sel = np.array([b == band for b in bands])
+        for i in np.unique(band[self.labels == 1]):
+            sel = (self.labels == 1) & (band == i)
             both = normal | sel
-            out[band] = {"n": int(sel.sum()),
-                         "image_auroc": float(roc_auc_score(self.labels[both], self.scores[both])),
-                         "recall": float(np.mean(self.scores[sel] > self.threshold))}
+            out[_band_label(int(i))] = {"n": int(sel.sum()),
+                                        "image_auroc": float(roc_auc_score(self.labels[both], self.scores[both])),
+                                        "recall": float(np.mean(self.scores[sel] > self.threshold))}
         return out
 
 
