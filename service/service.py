@@ -109,14 +109,15 @@ async def edge_results(request: Request) -> Any:
     from starlette.responses import JSONResponse
 
     from cellscan.serve.edgelog import EdgeRecordsError, edge_rows
+    from cellscan.serve.guard import json_body
 
     s = _svc()
     if s.plog is None:
         return JSONResponse({"error": "the prediction log is off (CELLSCAN_PREDICTION_LOG=0)", "code": "log_off"},
                             status_code=409)
     try:
-        rows, skipped = edge_rows(await request.json())
-    except ValueError as exc:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+        rows, skipped = edge_rows(json_body(await request.body()))
+    except ValueError as exc:  # not JSON (invalid, nested too deeply, not UTF-8)
         return JSONResponse({"error": f"body is not JSON: {exc}", "code": "bad_request"}, status_code=400)
     except EdgeRecordsError as exc:
         return JSONResponse({"error": str(exc), "code": "bad_request"}, status_code=400)
@@ -215,7 +216,8 @@ def _files_only() -> None:
 
     File fields take uploads only (BentoML would download a text value itself, around cellscan's URL
     checks); long upload names are shortened (BentoML puts them in a temporary file name: a 500 past
-    255 bytes); unknown fields are refused instead of ignored.
+    255 bytes); unknown fields are refused instead of ignored; a body Starlette cannot parse as a form (no
+    boundary, a part header past its limits, too many fields) is a 400 naming why, not BentoML's 500.
     """
     from _bentoml_impl.serde import MultipartSerde  # BentoML 1.4.39
 
@@ -232,7 +234,14 @@ def _files_only() -> None:
     original = MultipartSerde.parse_request
 
     async def parse_request(self: Any, request: Any, cls: Any) -> Any:
-        unknown = sorted(set((await request.form()).keys()) - set(cls.model_fields))
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+
+        try:  # Starlette's own 400 (no boundary, a part header over its limits, too many fields) is no 500
+            form = await request.form()
+        except StarletteHTTPException as exc:
+            msg = f"malformed multipart body: {exc.detail}"
+            raise BadRequest(msg) from None
+        unknown = sorted(set(form.keys()) - set(cls.model_fields))
         if unknown:
             msg = f"unknown form field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; expected some of {', '.join(cls.model_fields)}"
             raise BadRequest(msg)
@@ -295,16 +304,16 @@ def _strict_json() -> None:
     (its JSON parser fetches ``http://...`` bodies for routes with file fields, around cellscan's
     URL checks); such a body is invalid JSON and answered 400.
     """
-    import json
-
     from _bentoml_impl.serde import JSONSerde, Payload  # BentoML 1.4.39
+
+    from cellscan.serve.guard import json_body
 
     async def parse_request(self: Any, request: Any, cls: Any) -> Any:
         body = await request.body()
         try:
-            data = json.loads(body) if body.strip() else {}
+            data = json_body(body) if body.strip() else {}
         except ValueError:
-            data = None  # invalid JSON: pydantic's message below
+            data = None  # invalid or too deeply nested JSON: pydantic's message below
         if isinstance(data, dict):
             unknown = sorted(set(data) - set(cls.model_fields))
             if unknown:
@@ -534,7 +543,7 @@ class Cellscan:
         return await self._store_and_run("anomaly", "anomaly", image_url, image, wait, defect)
 
     @bentoml.api(route="/rollback")
-    def rollback(self, version: int | None = Field(None, ge=1)) -> dict[str, Any]:
+    def rollback(self, version: int | None = Field(None, ge=1, strict=True)) -> dict[str, Any]:
         """Move the champion alias back (to ``version``, or to the previous champion)."""
         from mlflow.exceptions import MlflowException
 

@@ -258,6 +258,19 @@ CASES = [
     ("rollback-version-text", "POST", "/rollback", {"json": {"version": "x"}, "headers": K}, 400, "bad_request",
      "version"),
     ("rollback-unknown-version", "POST", "/rollback", {"json": {"version": 999}, "headers": K}, 404, "not_found", "999"),
+    ("rollback-version-true", "POST", "/rollback", {"json": {"version": True}, "headers": K}, 400,
+     "bad_request", "version"),  # not version 1
+    ("rollback-version-string", "POST", "/rollback", {"json": {"version": "1"}, "headers": K}, 400,
+     "bad_request", "version"),
+    ("deep-json", "POST", "/predict", {"content": b'{"image_url": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                       "headers": J}, 400, "bad_request", "recursion"),
+    ("deep-json-edge", "POST", "/edge/results",
+     {"content": b'{"records": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": K | J}, 400, "bad_request",
+     "nested too deeply"),
+    ("multipart-no-boundary", "POST", "/predict", {"content": b"x", "headers": {
+        "Content-Type": "multipart/form-data"}}, 400, "bad_request", "multipart"),
+    ("multipart-huge-part-header", "POST", "/predict",
+     {"files": {"image": ("a" * 9000 + ".png", _png(), "image/png")}}, 400, "bad_request", "multipart"),
 ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cellscan.serve.guard import GuardPolicy, ensure_key_file
+from cellscan.serve.guard import GuardPolicy, ensure_key_file, json_body
 from cellscan.serve.logpipe import pipe
 
 
@@ -62,3 +62,11 @@ def test_openapi_documents_the_error_shape():
     assert {"200", "400", "413", "415"} <= set(responses)
     assert responses["415"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
     assert "responses" not in spec["paths"]["/health"]["get"]
+
+
+def test_json_body_refuses_deep_nesting_as_invalid_json():
+    assert json_body(b'{"a": [1, {"b": null}]}') == {"a": [1, {"b": None}]}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        json_body(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(ValueError, match="Expecting property name"):
+        json_body(b"{not json")

@@ -62,6 +62,9 @@ def test_scans_render_newest_first_and_filter(ui):
     thumb = ui.get("/ui/scans/2/image.png", params={"size": 4})
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
     assert ui.get("/ui/scans/99").json()["code"] == "not_found"
+    for path in ("/ui/scans/99999999999999999999", "/ui/scans/99999999999999999999/image.png",
+                 "/ui/scans/99999999999999999999/heatmap.png", "/ui/static/" + "a" * 300):
+        assert ui.get(path).json()["code"] == "not_found", path  # not an overflow or OS error (a 500)
     for path in ("/ui/upload", "/ui/monitoring", "/ui/static/ui.js", "/ui/static/ui.css"):
         assert ui.get(path).status_code == 200, path
 
@@ -75,6 +78,10 @@ def test_verdicts_need_the_key_and_are_given_once(ui):
     cross = ui.post(url, json={"verdict": "confirmed"}, headers={"Origin": "http://evil.example"})
     assert cross.status_code == 403 and set(cross.json()) == {"error", "code"}
     assert ui.post(url, json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY}).status_code == 400
+    deep = b'{"verdict": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    nested = ui.post(url, content=deep, headers={"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert nested.status_code == 400
+    assert "verdict" in nested.json()["error"]
     ok = ui.post(url, json={"verdict": "confirmed"}, headers={"X-API-Key": KEY}).json()
     assert ok["verdict"] == "confirmed" and ok["by"].startswith("key-") and KEY not in ok["by"]
     again = ui.post(url, json={"verdict": "confirmed"}, headers={"X-API-Key": KEY})

@@ -23,6 +23,7 @@ from cellscan.edge import FIELDS
 from cellscan.errors import CellscanError
 
 MAX_RECORDS = 1000  # per request; cellscan-edge sends 100
+MAX_ABS = 1e12  # scores and thresholds beyond it are no scores (and would overflow the batch means)
 BODY_KEYS = ("source", "host", "model_version", "runtime", "records")
 RECORD_KEYS = (*FIELDS, "time")
 
@@ -39,8 +40,9 @@ def _number(rec: dict[str, Any], key: str, where: str, *, optional: bool = False
     value = rec.get(key)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        msg = f"{where}.{key}: expected a finite number, got {str(value)[:40]!r}"
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not number or not math.isfinite(value) or abs(value) > MAX_ABS:
+        msg = f"{where}.{key}: expected a finite number, at most {MAX_ABS:g} in size, got {str(value)[:40]!r}"
         raise _fail(msg)
     return float(value)
 
@@ -48,7 +50,7 @@ def _number(rec: dict[str, Any], key: str, where: str, *, optional: bool = False
 def _version(value: Any, where: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
         msg = f"{where}: expected a model version (an integer >= 1) or null, got {str(value)[:40]!r}"
         raise _fail(msg)
     return value

@@ -92,6 +92,16 @@ class GuardPolicy:
         return bool(self.api_key) and got is not None and hmac.compare_digest(got, self.api_key.encode())
 
 
+def json_body(raw: bytes | str) -> Any:
+    """A request body as JSON. Raises ValueError for invalid JSON and for JSON nested too deeply to parse
+    (Python's parser would raise RecursionError, which is no client error)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        msg = "JSON nested too deeply"
+        raise ValueError(msg) from None
+
+
 def error_body(message: str, code: str) -> bytes:
     return json.dumps({"error": message, "code": code}).encode()
 

@@ -118,6 +118,8 @@ class Pages:
     def scan(self, scan_id: int) -> dict[str, Any] | None:
         from sqlalchemy import select
 
+        if not 0 < scan_id < 2**63:  # beyond SQLite's integers: no such scan
+            return None
         p = self.log.predictions
         with self.log.engine.connect() as conn:
             row = conn.execute(select(p).where(p.c.id == scan_id)).mappings().first()
@@ -210,7 +212,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
     @r.get("/ui/static/{name}", include_in_schema=False)
     def static(name: str) -> Any:
         path = STATIC / name
-        if "/" in name or name.startswith(".") or not path.is_file():
+        if "/" in name or name.startswith(".") or len(name) > 100 or not path.is_file():
             return _error(404, f"no static file {name[:60]!r}", "not_found")
         return FileResponse(path)
 
@@ -261,7 +263,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
     @r.post("/ui/scans/{scan_id}/verdict", summary="Record an operator verdict (API key)",
             description="JSON {\"verdict\": \"confirmed\" | \"false_alarm\" | \"missed_defect\"}; needs X-API-Key.")
     async def verdict(scan_id: int, request: Request) -> Any:
-        from cellscan.serve.guard import GuardPolicy
+        from cellscan.serve.guard import GuardPolicy, json_body
 
         svc = service()
         policy = GuardPolicy.from_settings(svc.settings)
@@ -273,7 +275,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         if not policy.api_key and not policy.open_mode:
             return _error(403, "no API key is configured; set CELLSCAN_API_KEY(_FILE)", "no_api_key_configured")
         try:
-            body = await request.json()
+            body = json_body(await request.body())
             choice = str(body["verdict"])
         except (ValueError, KeyError, TypeError):
             return _error(400, f"send JSON {{\"verdict\": one of {', '.join(VERDICTS)}}}", "bad_request")
