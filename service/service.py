@@ -254,6 +254,18 @@ def _files_only() -> None:
 _files_only()
 
 
+def _upload_name(path: Path) -> str:
+    """The name the client gave an upload, for messages, the prediction log and the scans page.
+
+    BentoML 1.4.39 writes each upload to ``tempfile.NamedTemporaryFile(suffix=<its name>)``: "tmp" and
+    8 random characters, then the client's name ("upload" where it sent none).
+    """
+    name = path.name
+    if not name.startswith("tmp"):
+        return name
+    return name[11:] or "upload"
+
+
 def _timers_cancelled() -> None:
     """BentoML 1.4.39's request timeout, without its leak.
 
@@ -389,7 +401,7 @@ class Cellscan:
         try:
             _SOURCE.set("upload" if image is not None else "url")
             if image is not None:
-                return image.name, await asyncio.to_thread(image.read_bytes)
+                return _upload_name(image), await asyncio.to_thread(image.read_bytes)
             data = await fetch_async(image_url, self.policy, self.settings.max_fetches)  # type: ignore[arg-type]
             return image_url.rsplit("/", 1)[-1][:100] or "image", data  # type: ignore[union-attr]
         except CellscanError as exc:

@@ -310,6 +310,14 @@ def test_the_openapi_document_has_the_error_shape(svc):
         assert {"400", "413", "415"} <= set(spec["paths"][route]["post"]["responses"]), route
 
 
+def test_errors_name_the_upload_as_the_client_named_it(svc):
+    """Not BentoML's temporary file (tmp + 8 random characters + the name)."""
+    with httpx.Client(base_url=svc["base"], timeout=60) as c:
+        r = c.post("/predict", files={"image": ("scan-0042.png", b"junk", "image/png")})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("scan-0042.png:"), r.text
+
+
 def test_long_filename_is_served_not_a_500(svc):
     with httpx.Client(base_url=svc["base"], timeout=60) as c:
         r = c.post("/predict", files={"image": ("a" * 300 + ".png", _png(), "image/png")})
