@@ -65,6 +65,13 @@ def test_scans_render_newest_first_and_filter(ui):
     for path in ("/ui/scans/99999999999999999999", "/ui/scans/99999999999999999999/image.png",
                  "/ui/scans/99999999999999999999/heatmap.png", "/ui/static/" + "a" * 300):
         assert ui.get(path).json()["code"] == "not_found", path  # not an overflow or OS error (a 500)
+    # FastAPI's 422 for a parameter of the wrong type: the documented 400
+    wrong_types = (("/ui/scans", {"limit": "abc"}), ("/ui/scans/abc", {}),
+                   ("/monitoring/batches", {"days": "x"}))
+    for path, params in wrong_types:
+        wrong = ui.get(path, params=params)
+        assert wrong.status_code == 400, (path, wrong.text)
+        assert wrong.json()["code"] == "bad_request"
     for path in ("/ui/upload", "/ui/monitoring", "/ui/static/ui.js", "/ui/static/ui.css"):
         assert ui.get(path).status_code == 200, path
 

@@ -257,7 +257,8 @@ class Guard:
             state["buffer"].append(message.get("body", b""))
             if message.get("more_body"):
                 return None
-            status = state["status"]
+            # FastAPI's 422 (a parameter of the wrong type) is invalid input: the documented 400
+            status = 400 if state["status"] == 422 else state["status"]
             raw = b"".join(state["buffer"])
             if state["too_large"]:
                 status, text, code = 413, f"request body passed the limit of {limit} bytes", "body_too_large"
