@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
-from cellscan.serve.guard import GuardPolicy, ensure_key_file, json_body
+from cellscan.serve.guard import ClientErrorLogFilter, GuardPolicy, ensure_key_file, json_body
 from cellscan.serve.logpipe import pipe
 
 
@@ -70,3 +72,26 @@ def test_json_body_refuses_deep_nesting_as_invalid_json():
         json_body(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     with pytest.raises(ValueError, match="Expecting property name"):
         json_body(b"{not json")
+
+
+def _logged(exc: BaseException) -> logging.LogRecord:
+    """A record as BentoML's log_exception writes it (exc_info of the exception being handled), filtered."""
+    try:
+        raise exc
+    except BaseException:  # noqa: BLE001
+        info = sys.exc_info()
+    record = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /predict", (), info)
+    ClientErrorLogFilter().filter(record)
+    return record
+
+
+def test_client_mistakes_are_one_warning_line_server_faults_keep_their_traceback():
+    from starlette.requests import ClientDisconnect
+
+    gone = _logged(ClientDisconnect())  # a broken chunked body: the client went away mid-body
+    assert gone.levelname == "WARNING"
+    assert gone.exc_info is None
+    assert "ClientDisconnect" in gone.getMessage()
+    fault = _logged(RuntimeError("disk on fire"))
+    assert fault.levelname == "ERROR"
+    assert fault.exc_info is not None

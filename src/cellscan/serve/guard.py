@@ -315,14 +315,18 @@ class Guard:
 
 
 class ClientErrorLogFilter(logging.Filter):
-    """BentoML logs every refused request with a traceback at ERROR: make a client's mistake one WARNING line."""
+    """BentoML logs every refused request with a traceback at ERROR: make a client's mistake one WARNING line
+    (a refusal with a 4xx status, a validation error, a body over the cap, or a client that went away
+    mid-body, such as one sending a broken chunked body)."""
+
+    CLIENT_SIDE = ("ValidationError", "ClientDisconnect")
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return True
         status = getattr(getattr(exc, "error_code", None), "value", None)
-        client = isinstance(exc, BodyTooLarge) or type(exc).__name__ == "ValidationError" or (
+        client = isinstance(exc, BodyTooLarge) or type(exc).__name__ in self.CLIENT_SIDE or (
             isinstance(status, int) and 400 <= status < 500)
         if client:
             first = str(exc).splitlines()[0][:300] if str(exc) else ""
