@@ -63,18 +63,13 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray, max_pixels: int = 2_000_000
 AREA_BANDS = (1, 16, 40, 100, 300, 1000)
 
 
-def area_band(area: float) -> str:
-    """The :data:`AREA_BANDS` label of a defect's marked area in pixels: ``"16-40"``, ..., ``"1000+"``.
+def _band_label(i: int) -> str:
+    """Label of band ``i`` as :func:`numpy.searchsorted` (side right) numbers them: 0 below the first bound.
 
     Example:
-        >>> area_band(12), area_band(16), area_band(299), area_band(5000)
-        ('1-16', '16-40', '100-300', '1000+')
+        >>> [_band_label(int(np.searchsorted(AREA_BANDS, a, side="right"))) for a in (0, 12, 16, 299, 5000)]
+        ['0', '1-16', '16-40', '100-300', '1000+']
     """
-    return _band_label(int(np.searchsorted(AREA_BANDS, area, side="right")))
-
-
-def _band_label(i: int) -> str:
-    """Label of band ``i`` as :func:`numpy.searchsorted` (side right) numbers them: 0 below the first bound."""
     if i == 0:
         return "0"
     return f"{AREA_BANDS[i - 1]}+" if i == len(AREA_BANDS) else f"{AREA_BANDS[i - 1]}-{AREA_BANDS[i]}"
