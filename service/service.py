@@ -413,9 +413,11 @@ class Cellscan:
 
         model, _ = self._model()
         try:
-            return model.load_pair(data, max_pixels=min(self.params.data.max_pixels, self.settings.max_image_pixels))
+            return model.load_pair(data, max_pixels=min(self.params.data.max_pixels, self.settings.max_image_pixels),
+                                   name=name)
         except CellscanError as exc:
-            raise BadRequest(f"{name}: {exc}") from None
+            msg = str(exc)
+            raise BadRequest(msg if msg.startswith(f"{name}: ") else f"{name}: {msg}") from None
 
     def _model(self) -> Any:
         from cellscan.errors import NoModelError

@@ -116,6 +116,14 @@ def _tiff(value: float) -> bytes:
     return buf.getvalue()
 
 
+def _stack() -> bytes:
+    """Three CT slices in one multi-page TIFF."""
+    pages = [Image.fromarray((np.random.default_rng(k).random((48, 48)) * 65535).astype(np.uint16)) for k in range(3)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    return buf.getvalue()
+
+
 def _ztxt_bomb() -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("k", "x" * (20 * 1024 * 1024), zip=True)  # ~20 KB compressed, 20 MB text
@@ -189,6 +197,12 @@ CASES = [
     ("empty-file", "POST", "/predict", {"files": {"image": ("a.png", b"", "image/png")}}, 400, "bad_request", "empty"),
     ("truncated-png", "POST", "/predict", {"files": {"image": ("a.png", _png()[:150], "image/png")}}, 400,
      "bad_request", "truncated"),
+    ("truncated-stack", "POST", "/predict", {"files": {"image": ("vol.tif", _stack()[:1000], "image/tiff")}}, 400,
+     "bad_request", "vol.tif: corrupt page directory"),
+    ("tiff-stack", "POST", "/predict", {"files": {"image": ("vol.tif", _stack(), "image/tiff")}}, 400,
+     "bad_request", "vol.tif: a stack of 3 pages"),
+    ("tiff-stack-upload", "POST", "/retrain", {"files": {"image": ("vol.tif", _stack(), "image/tiff")},
+                                               "headers": K}, 400, "bad_request", "a stack of 3 pages"),
     ("png-text-bomb", "POST", "/predict", {"files": {"image": ("a.png", _ztxt_bomb(), "image/png")}}, 400,
      "bad_request", "MAX_TEXT_CHUNK"),
     ("pixel-bomb", "POST", "/predict", {"files": {"image": ("a.png", _big_flat(5000), "image/png")}}, 400,

@@ -102,3 +102,32 @@ def test_monitor_flow_emits_the_drift_event(trained_project, tmp_path):
         "cooldown_minutes: 360", "cooldown_minutes: 0"))
     out = monitor_flow(project=str(root))
     assert out["drift"] and out["event_ids"] and out["event_ids"][0]
+
+
+def test_batch_scoring_scores_every_page_of_a_stack(trained_project, tmp_path):
+    """A CT volume sent as one multi-page TIFF: each slice is scored as if it were its own file."""
+    import csv
+
+    from PIL import Image
+
+    settings = Settings.from_env(trained_project)
+    slices = _stream(tmp_path / "slices", seed=505, n=3)
+    pages = [Image.open(p) for p in sorted(slices.glob("*.png"))]
+    stacks = tmp_path / "stacks"
+    stacks.mkdir()
+    pages[0].save(stacks / "volume.tif", format="TIFF", save_all=True, append_images=pages[1:])
+    (stacks / "broken.tif").write_bytes((stacks / "volume.tif").read_bytes()[:200])
+
+    def rows(folder: Path) -> list[dict[str, str]]:
+        batchscore.score_folder(settings, folder, tmp_path / f"out-{folder.name}", log=False)
+        with (tmp_path / f"out-{folder.name}" / "results.csv").open() as f:
+            return list(csv.DictReader(f))
+
+    single, stacked = rows(slices), rows(stacks)
+    by_label = {r["image"]: r for r in stacked}
+    assert by_label[str(stacks / "broken.tif")]["status"] == "error"
+    assert [r["image"] for r in stacked if r["status"] == "ok"] == [
+        f"{stacks / 'volume.tif'}#page={k}" for k in (1, 2, 3)]
+    for k, r in enumerate(single, 1):
+        page = by_label[f"{stacks / 'volume.tif'}#page={k}"]
+        assert float(page["anomaly_score"]) == pytest.approx(float(r["anomaly_score"]), rel=1e-5)

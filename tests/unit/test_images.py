@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cellscan.errors import ImageError
-from cellscan.core.images import decode_image, encode_png, load_image
+from cellscan.core.images import canonical_png, decode_image, encode_png, iter_pages, load_image
 
 
 def _bytes(img: Image.Image, fmt: str) -> bytes:
@@ -110,3 +110,48 @@ def test_canonical_png_keeps_pixels_drops_the_rest():
     assert b"PK\x03\x04" not in out and np.array_equal(np.asarray(Image.open(io.BytesIO(out))), arr)  # 16 bits kept
     assert canonical_png(_bytes(Image.fromarray(arr), "TIFF"))[1] == digest  # same pixels, other container
     assert canonical_png(_bytes(Image.fromarray(arr + 1), "PNG"))[1] != digest
+
+
+def _stack(pages: list[np.ndarray], fmt: str = "TIFF") -> bytes:
+    imgs = [Image.fromarray(p) for p in pages]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format=fmt, save_all=True, append_images=imgs[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG"])
+def test_a_stack_is_refused_where_one_image_is_expected(fmt):
+    """A multi-page TIFF (CT slices) or an animated PNG scored on its first page misses defects on the others."""
+    data = _stack([np.full((8, 8), v, np.uint8) for v in (10, 20, 30)], fmt)
+    with pytest.raises(ImageError, match=r"scan: a stack of 3 pages .*expected one image per file"):
+        decode_image(data, name="scan")
+    with pytest.raises(ImageError, match="a stack of 3 pages"):
+        canonical_png(data)
+
+
+def test_iter_pages_yields_each_slice_losslessly_and_a_single_image_as_it_is():
+    rng = np.random.default_rng(1)
+    slices = [rng.integers(0, 65536, (6, 9), dtype=np.uint16) for _ in range(3)]
+    pages = list(iter_pages(_stack(slices), name="ct.tif"))
+    assert [label for label, _ in pages] == ["ct.tif#page=1", "ct.tif#page=2", "ct.tif#page=3"]
+    for (_, data), want in zip(pages, slices, strict=True):
+        assert np.array_equal(decode_image(data)[..., 0], want.astype(np.float32) / 65535)  # 16 bits kept
+    one = encode_png(np.zeros((4, 4), np.float32))
+    assert list(iter_pages(one, name="a.png")) == [("a.png", one)]
+
+
+def test_iter_pages_refuses_too_many_pages_and_reports_an_oversized_page():
+    data = _stack([np.zeros((4, 4), np.uint8), np.zeros((40, 40), np.uint8), np.zeros((4, 4), np.uint8)])
+    with pytest.raises(ImageError, match="a stack of 3 pages; expected at most 2"):
+        list(iter_pages(data, max_pages=2))
+    pages = list(iter_pages(data, name="s.tif", max_pixels=100))
+    assert isinstance(pages[1][1], ImageError)
+    assert "s.tif#page=2: page has 40x40=1600 pixels" in str(pages[1][1])
+    assert [type(data) for _, data in pages[::2]] == [bytes, bytes]  # the pages around it still come
+
+
+def test_a_truncated_stack_is_an_image_error():
+    """Counting a cut stack's pages makes Pillow raise TypeError (a missing tag): bad input, not a fault."""
+    data = _stack([np.full((48, 48), v, np.uint16) for v in (1, 2, 3)])[:1000]
+    with pytest.raises(ImageError, match="vol.tif: corrupt page directory"):
+        decode_image(data, name="vol.tif")

@@ -30,7 +30,7 @@ import numpy as np
 from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import ImageError, ModelError
-from cellscan.core.images import load_image, resize
+from cellscan.core.images import decode_image, load_image, resize
 from cellscan.core.augment import simulate_ct_defect, simulate_warp
 from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate,
                                    anomaly_maps, fuse, maps_key, place_scores, raw_maps, separation, smooth)
@@ -231,9 +231,14 @@ class CellscanModel:
         """Load one image the way this model expects it: (H, W, C) at the working size."""
         return load_image(source, size=self.shape, channels=self.channels, max_pixels=max_pixels)
 
-    def load_pair(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> tuple[np.ndarray, np.ndarray]:
-        """One decode, two arrays: (the working-size input, the image at its own size for heatmaps)."""
-        native = load_image(source, channels=self.channels, max_pixels=max_pixels)
+    def load_pair(self, source: str | Path | bytes, max_pixels: int = 50_000_000,
+                  name: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """One decode, two arrays: (the working-size input, the image at its own size for heatmaps); ``name``
+        names encoded bytes in error messages."""
+        if isinstance(source, bytes | bytearray):
+            native = decode_image(bytes(source), channels=self.channels, max_pixels=max_pixels, name=name)
+        else:
+            native = load_image(source, channels=self.channels, max_pixels=max_pixels)
         return resize(native, self.shape), native
 
     def score_images(self, sources: Sequence[str | Path | bytes]) -> ScoreResult:

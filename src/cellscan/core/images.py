@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "CMYK")
 DEFAULT_MAX_PIXELS = 50_000_000
+# What Pillow raises on a damaged file: a truncated TIFF's missing tag is a TypeError (from a KeyError).
+_DECODE_ERRORS = (ValueError, OSError, SyntaxError, struct.error, EOFError, TypeError, KeyError, IndexError)
+MAX_PAGES = 4096  # pages of one stack (multi-page TIFF) that batch scoring reads
 
 
-def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Image.Image:
+    """Open and check one image; ``stack`` lets a file of several pages through (first page loaded)."""
     if len(data) == 0:
         msg = f"{name}: empty file (0 bytes); expected a PNG, JPEG or TIFF image"
         raise ImageError(msg)
@@ -44,11 +49,16 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         msg = f"{name}: not an image; expected one of {', '.join(SUPPORTED_FORMATS)}"
         raise ImageError(msg) from None
-    except (ValueError, OSError, SyntaxError, struct.error, EOFError) as exc:  # e.g. a huge PNG text chunk
+    except _DECODE_ERRORS as exc:  # e.g. a huge PNG text chunk
         msg = f"{name}: corrupt or unsafe image header ({str(exc)[:120]})"
         raise ImageError(msg) from None
     if img.format not in SUPPORTED_FORMATS:
         msg = f"{name}: unsupported format {img.format}; expected one of {', '.join(SUPPORTED_FORMATS)}"
+        raise ImageError(msg)
+    pages = _page_count(img, name)
+    if pages > 1 and not stack:
+        msg = (f"{name}: a stack of {pages} pages (a multi-page {img.format}, e.g. CT slices); expected "
+               "one image per file: batch scoring (python -m flows.score_folder) scores every page of a stack")
         raise ImageError(msg)
     w, h = img.size
     if w * h > max_pixels:
@@ -62,10 +72,65 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(msg)
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+    except _DECODE_ERRORS as exc:
         msg = f"{name}: truncated or corrupt {img.format} data ({exc})"
         raise ImageError(msg) from None
     return img
+
+
+def _page_count(img: Image.Image, name: str) -> int:
+    try:
+        return int(getattr(img, "n_frames", 1) or 1)
+    except _DECODE_ERRORS as exc:  # a broken chain of TIFF pages
+        msg = f"{name}: corrupt page directory ({str(exc)[:120]})"
+        raise ImageError(msg) from None
+
+
+def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_pages: int = MAX_PAGES) -> Iterator[tuple[str, bytes | ImageError]]:
+    """Each page of a multi-page TIFF or PNG (a CT stack) as ``(label, single-page bytes or its error)``.
+
+    A file of one page yields ``(name, data)`` as it is; a stack yields ``name#page=K`` (K from 1) with the
+    page re-encoded losslessly in its own format and mode (16-bit stays 16-bit), one at a time, so a stack
+    of a thousand slices is never in memory as a whole. A page that cannot be read yields its error and the
+    next pages still come.
+
+    Raises:
+        ImageError: the file itself is not a readable image, or holds more than ``max_pages`` pages.
+
+    Example:
+        >>> import io, numpy as np
+        >>> from PIL import Image
+        >>> buf = io.BytesIO()
+        >>> slices = [Image.fromarray(np.full((4, 4), v, np.uint16)) for v in (1000, 2000)]
+        >>> slices[0].save(buf, format="TIFF", save_all=True, append_images=slices[1:])
+        >>> pages = iter_pages(buf.getvalue(), name="ct.tif")
+        >>> [(label, float(decode_image(page).max())) for label, page in pages]
+        [('ct.tif#page=1', 0.015259...), ('ct.tif#page=2', 0.030518...)]
+    """
+    img = _open(data, name, max_pixels, stack=True)
+    pages = _page_count(img, name)
+    if pages == 1:
+        yield name, data
+        return
+    if pages > max_pages:
+        msg = f"{name}: a stack of {pages} pages; expected at most {max_pages}"
+        raise ImageError(msg)
+    for k in range(pages):
+        label = f"{name}#page={k + 1}"
+        try:
+            img.seek(k)
+            w, h = img.size
+            if w * h > max_pixels:
+                msg = f"{label}: page has {w}x{h}={w * h} pixels; expected at most {max_pixels}"
+                yield label, ImageError(msg)
+                continue
+            img.load()
+            buf = io.BytesIO()
+            img.save(buf, format=img.format)
+            yield label, buf.getvalue()
+        except _DECODE_ERRORS as exc:
+            yield label, ImageError(f"{label}: unreadable page ({str(exc)[:120]})")
 
 
 def _to_float(img: Image.Image, channels: int) -> np.ndarray:

@@ -4,6 +4,7 @@ images' heatmaps, and every prediction in the prediction log (source ``batch``).
 Output folder::
 
     results.csv        image, status, is_anomaly, anomaly_score, reconstruction_error, threshold, model_version
+                       (a stack, a multi-page TIFF of CT slices: one row per page, ``<path>#page=K``)
     metrics.json       the batch's metrics (process time, time per prediction, mean score, anomaly rate, counts)
     metrics.prom       the same as Prometheus text
     summary.html       counts and a table of the flagged images with their heatmaps (inline PNG)
@@ -14,16 +15,19 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import itertools
 import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cellscan.core.data import list_images
+from cellscan.core.images import iter_pages
 from cellscan.errors import CellscanError, DatasetError
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
@@ -44,29 +48,40 @@ def folder_images(folder: Path) -> list[Path]:
     return sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
 
 
+def _entries(paths: list[Path]) -> Iterator[tuple[str, bytes | Exception]]:
+    """``(label, bytes or the error reading them)`` for each image, and for each page of a stack (multi-page
+    TIFF: a CT volume's slices), labelled ``<path>#page=K``; read lazily, a chunk at a time."""
+    for p in paths:
+        try:
+            yield from iter_pages(p.read_bytes(), name=str(p))
+        except (CellscanError, OSError) as exc:
+            yield str(p), exc
+
+
 def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str = "champion",
                  chunk: int = 32, log: bool = True, max_heatmaps: int = 50) -> dict[str, Any]:
     """Score every image under ``folder`` with ``ref``; write the output folder; returns the batch metrics."""
     from cellscan.core.plots import overlay_png
 
     model, version = registry.load_model(ref, settings)
-    paths = folder_images(folder)
+    entries = _entries(folder_images(folder))
     plog = PredictionLog.from_settings(settings) if log and settings.prediction_log else None
     batch_id = f"batch-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rows: list[dict[str, Any]] = []
-    flagged: list[tuple[Path, bytes, dict[str, Any]]] = []
+    flagged: list[tuple[str, bytes, dict[str, Any]]] = []
     items: list[Item] = []
     t0 = time.perf_counter()
-    for i in range(0, len(paths), chunk):
+    while chunk_entries := list(itertools.islice(entries, chunk)):
         part, xs, natives, blobs = [], [], [], []
-        for p in paths[i : i + chunk]:
+        for label, data in chunk_entries:
             try:
-                data = p.read_bytes()
-                x, native = model.load_pair(data)
+                if isinstance(data, Exception):
+                    raise data
+                x, native = model.load_pair(data, name=label)
             except (CellscanError, OSError) as exc:
-                rows.append({"image": str(p), "status": "error", "error": str(exc)})
+                rows.append({"image": label, "status": "error", "error": str(exc)})
                 continue
-            part.append(p)
+            part.append(label)
             xs.append(x)
             natives.append(native)
             blobs.append(data)
@@ -76,12 +91,13 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
         res = model.score_arrays(np.stack(xs))
         emb = embed(res.recon, res.maps)
         each = (time.perf_counter() - t1) / len(part)
-        for j, p in enumerate(part):
+        for j, label in enumerate(part):
             rec = res.record(j)
-            rows.append({"image": str(p), "status": "ok", **rec, "model_version": version})
-            items.append(Item(xs[j], blobs[j], rec, emb[j], "batch", p.name, version, each, batch_id))
+            rows.append({"image": label, "status": "ok", **rec, "model_version": version})
+            name = Path(label).name
+            items.append(Item(xs[j], blobs[j], rec, emb[j], "batch", name, version, each, batch_id))
             if rec["is_anomaly"] and len(flagged) < max_heatmaps:
-                flagged.append((p, overlay_png(natives[j], res.maps[j], rec["threshold"]), rec))
+                flagged.append((label, overlay_png(natives[j], res.maps[j], rec["threshold"]), rec))
     seconds = time.perf_counter() - t0
     if plog is not None:
         plog.write(items)
@@ -97,7 +113,7 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
     return metrics | {"model_version": version, "out_dir": str(out_dir), "errors": metrics["failed"]}
 
 
-def summary_html(folder: Path, version: int | None, m: dict[str, Any], flagged: list[tuple[Path, bytes, dict[str, Any]]]) -> str:
+def summary_html(folder: Path, version: int | None, m: dict[str, Any], flagged: list[tuple[str, bytes, dict[str, Any]]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(str(p))}</td><td>{r['anomaly_score']:.4g}</td>"
         f"<td><img width=256 src='data:image/png;base64,{base64.b64encode(png).decode()}'></td></tr>"
