@@ -85,6 +85,10 @@ def test_errors_do_not_echo_the_answer(server):
         ("http://[::1/a.png", "IPv6"),  # broken literal
         ("http://127.0.0.1:1/a.png", "non-public"),  # loopback, not allow-listed
         ("http://[::ffff:127.0.0.1]:1/a.png", "non-public"),  # IPv4-mapped loopback
+        ("http://[2002:7f00:1::1]:1/a.png", "non-public"),  # 6to4 wrapping 127.0.0.1
+        ("http://[2002:c0a8:101::1]:1/a.png", "non-public"),  # 6to4 wrapping 192.168.1.1
+        ("http://[fec0::1]:1/a.png", "non-public"),  # site-local
+        ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]:1/a.png", "non-public"),  # Teredo
         ("gopher://example.com/", "not allowed"),  # scheme
         ("http://x/" + "a" * 5000, "limit is 4096"),  # length
     ],

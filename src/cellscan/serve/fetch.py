@@ -72,6 +72,25 @@ def _split(url: str) -> tuple[str, str, int]:
     return parts.scheme.lower(), host, port or (443 if parts.scheme.lower() == "https" else 80)
 
 
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address; an IPv6 one that carries an IPv4 address (6to4, mapped) only if that one
+    is too, and never a site-local one (fec0::/10, deprecated, still routed inside some sites).
+
+    >>> addresses = ("8.8.8.8", "2002:808:808::1", "2002:7f00:1::1", "fec0::1")
+    >>> [_public(ipaddress.ip_address(a)) for a in addresses]
+    [True, True, False, False]
+    """
+    if not ip.is_global or ip.is_multicast or ip.is_reserved:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:
+            return False
+        inner = ip.sixtofour or ip.ipv4_mapped
+        if inner is not None:
+            return _public(inner)
+    return True
+
+
 def _check_host(url: str, policy: FetchPolicy) -> str:
     """Resolve the host once and check every address; the address to connect to (pinned: no second lookup)."""
     _, host, port = _split(url)
@@ -82,8 +101,7 @@ def _check_host(url: str, policy: FetchPolicy) -> str:
         raise FetchError(msg) from None
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        public = ip.is_global and not (ip.is_multicast or ip.is_reserved)
-        if not public and not policy._allowed(host, port, ip):
+        if not _public(ip) and not policy._allowed(host, port, ip):
             msg = (
                 f"image_url host {host[:100]!r} resolves to non-public address {ip}; refused "
                 "(only public http(s) hosts are fetched unless allow-listed in CELLSCAN_URL_ALLOWLIST)"
