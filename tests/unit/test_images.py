@@ -155,3 +155,27 @@ def test_a_truncated_stack_is_an_image_error():
     data = _stack([np.full((48, 48), v, np.uint16) for v in (1, 2, 3)])[:1000]
     with pytest.raises(ImageError, match="vol.tif: corrupt page directory"):
         decode_image(data, name="vol.tif")
+
+
+def test_a_tiff_preview_page_is_not_a_slice(tmp_path):
+    """Scanners may store a reduced-resolution preview (NewSubfileType 1) beside the image: still one image."""
+    from PIL import TiffImagePlugin
+
+    def tiff(pages: list[tuple[np.ndarray, int]]) -> bytes:
+        path = tmp_path / "t.tif"
+        with TiffImagePlugin.AppendingTiffWriter(str(path), True) as tf:
+            for arr, subfile in pages:
+                Image.fromarray(arr).save(tf, format="TIFF", tiffinfo={254: subfile})
+                tf.newFrame()
+        return path.read_bytes()
+
+    image, preview = np.full((32, 40), 700, np.uint16), np.full((4, 5), 9, np.uint16)
+    for pages in ([(image, 0), (preview, 1)], [(preview, 1), (image, 0)]):
+        data = tiff(pages)
+        assert decode_image(data).shape == (32, 40, 1)
+        assert float(decode_image(data).max()) == pytest.approx(700 / 65535)
+        assert [label for label, _ in iter_pages(data, name="a.tif")] == ["a.tif"]
+    data = tiff([(image, 0), (preview, 1), (image + 1, 0)])
+    with pytest.raises(ImageError, match="a stack of 2 pages"):
+        decode_image(data)
+    assert [label for label, _ in iter_pages(data, name="v.tif")] == ["v.tif#page=1", "v.tif#page=3"]

@@ -55,11 +55,13 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     if img.format not in SUPPORTED_FORMATS:
         msg = f"{name}: unsupported format {img.format}; expected one of {', '.join(SUPPORTED_FORMATS)}"
         raise ImageError(msg)
-    pages = _page_count(img, name)
-    if pages > 1 and not stack:
-        msg = (f"{name}: a stack of {pages} pages (a multi-page {img.format}, e.g. CT slices); expected "
+    pages = _pages(img, name)
+    if len(pages) > 1 and not stack:
+        msg = (f"{name}: a stack of {len(pages)} pages (a multi-page {img.format}, e.g. CT slices); expected "
                "one image per file: batch scoring (python -m flows.score_folder) scores every page of a stack")
         raise ImageError(msg)
+    if pages[0]:  # the image is not the file's first page (that one is a preview)
+        img.seek(pages[0])
     w, h = img.size
     if w * h > max_pixels:
         msg = f"{name}: image has {w}x{h}={w * h} pixels; expected at most {max_pixels}"
@@ -78,19 +80,31 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     return img
 
 
-def _page_count(img: Image.Image, name: str) -> int:
+def _pages(img: Image.Image, name: str) -> list[int]:
+    """The indices of the file's images: every page, less a TIFF's reduced-resolution ones (previews and
+    thumbnails, NewSubfileType bit 0) where it has a full-resolution page."""
     try:
-        return int(getattr(img, "n_frames", 1) or 1)
+        n = int(getattr(img, "n_frames", 1) or 1)
+        if n == 1 or img.format != "TIFF":
+            return list(range(n))
+        full = []
+        for k in range(n):
+            img.seek(k)
+            if not int(img.tag_v2.get(254, 0)) & 1:
+                full.append(k)
+        img.seek(0)
     except _DECODE_ERRORS as exc:  # a broken chain of TIFF pages
         msg = f"{name}: corrupt page directory ({str(exc)[:120]})"
         raise ImageError(msg) from None
+    return full or list(range(n))
 
 
 def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
                max_pages: int = MAX_PAGES) -> Iterator[tuple[str, bytes | ImageError]]:
     """Each page of a multi-page TIFF or PNG (a CT stack) as ``(label, single-page bytes or its error)``.
 
-    A file of one page yields ``(name, data)`` as it is; a stack yields ``name#page=K`` (K from 1) with the
+    A file of one image yields ``(name, data)`` as it is (a TIFF's reduced-resolution previews are not
+    images); a stack yields ``name#page=K`` (K from 1, the page's place in the file) with the
     page re-encoded losslessly in its own format and mode (16-bit stays 16-bit), one at a time, so a stack
     of a thousand slices is never in memory as a whole. A page that cannot be read yields its error and the
     next pages still come.
@@ -109,14 +123,14 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
         [('ct.tif#page=1', 0.015259...), ('ct.tif#page=2', 0.030518...)]
     """
     img = _open(data, name, max_pixels, stack=True)
-    pages = _page_count(img, name)
-    if pages == 1:
+    pages = _pages(img, name)
+    if len(pages) == 1:
         yield name, data
         return
-    if pages > max_pages:
-        msg = f"{name}: a stack of {pages} pages; expected at most {max_pages}"
+    if len(pages) > max_pages:
+        msg = f"{name}: a stack of {len(pages)} pages; expected at most {max_pages}"
         raise ImageError(msg)
-    for k in range(pages):
+    for k in pages:
         label = f"{name}#page={k + 1}"
         try:
             img.seek(k)
