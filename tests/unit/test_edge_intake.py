@@ -52,6 +52,9 @@ def test_rows_are_marked_edge_and_unscored_ones_skipped(tmp_path):
     (_body([_row(status="maybe")]), "records[0].status"),
     (_body([_row(colour="red")]), "records[0]: unknown field(s) 'colour'"),
     (_body([_row(time=NOW + 10 * 86400)]), "not in the future"),
+    (_body([_row(time=5.0)]), "records[0].time: expected a Unix time after 2020-01-01"),  # a clock left at 1970
+    (_body([_row(), _row(1, is_anomaly=False)]), "records[1].is_anomaly: false contradicts anomaly_score 1.5 >"),
+    (_body([_row(is_anomaly=True)]), "records[0].is_anomaly: true contradicts anomaly_score 0.5 <= threshold 1"),
     (_body([_row(model_version=0)]), "model version"),
     (_body([_row(model_version=10**30)]), "model version"),  # beyond SQLite's integers
     (_body([_row(anomaly_score=1e308)]), "at most 1e+12 in size"),  # would overflow the batch means

@@ -24,6 +24,7 @@ from cellscan.errors import CellscanError
 
 MAX_RECORDS = 1000  # per request; cellscan-edge sends 100
 MAX_ABS = 1e12  # scores and thresholds beyond it are no scores (and would overflow the batch means)
+EARLIEST = 1_577_836_800  # 2020-01-01 UTC: a record dated before it comes from a device whose clock is unset
 BODY_KEYS = ("source", "host", "model_version", "runtime", "records")
 RECORD_KEYS = (*FIELDS, "time")
 
@@ -105,10 +106,17 @@ def edge_rows(body: Any, now: float | None = None, max_records: int = MAX_RECORD
             msg = f"{where}.is_anomaly: expected true or false, got {str(rec.get('is_anomaly'))[:40]!r}"
             raise _fail(msg)
         ts = _number(rec, "time", where, optional=True)
-        if ts is not None and not 0 < ts <= now + 86400:
-            msg = f"{where}.time: expected a Unix time not in the future, got {ts}"
+        if ts is not None and not EARLIEST < ts <= now + 86400:
+            msg = (f"{where}.time: expected a Unix time after 2020-01-01 and not in the future, got {ts} "
+                   "(is the device's clock set?)")
             raise _fail(msg)
         ts = now if ts is None else ts
+        score, threshold = _number(rec, "anomaly_score", where), _number(rec, "threshold", where)
+        if rec["is_anomaly"] != (score > threshold):  # cellscan-edge sends exact floats: a mismatch is not ours
+            msg = (f"{where}.is_anomaly: {str(rec['is_anomaly']).lower()} contradicts anomaly_score {score:g} "
+                   f"{'>' if score > threshold else '<='} threshold {threshold:g}; expected is_anomaly = "
+                   "anomaly_score > threshold")
+            raise _fail(msg)
         name = rec.get("image")
         if name is not None and not isinstance(name, str):
             msg = f"{where}.image: expected a file name"
@@ -116,8 +124,8 @@ def edge_rows(body: Any, now: float | None = None, max_records: int = MAX_RECORD
         rows.append({
             "ts": ts, "day": time.strftime("%Y-%m-%d", time.gmtime(ts)), "source": "edge", "batch_id": batch,
             "model_version": _version(rec.get("model_version"), f"{where}.model_version") or default_version,
-            "name": (name or "")[-200:], "score": _number(rec, "anomaly_score", where),
+            "name": (name or "")[-200:], "score": score,
             "recon_score": _number(rec, "reconstruction_error", where, optional=True),
-            "threshold": _number(rec, "threshold", where), "is_anomaly": rec["is_anomaly"],
+            "threshold": threshold, "is_anomaly": rec["is_anomaly"],
         })
     return rows, skipped
