@@ -111,6 +111,18 @@ def test_wrong_batch_shape_is_refused(trained):
         trained.model.score_arrays(np.zeros((1, 16, 16, 1), np.float32))
 
 
+def test_an_image_of_a_few_pixels_is_refused_not_scored(trained, tmp_path):
+    from cellscan.core.images import encode_png
+
+    tiny = encode_png(np.full((1, 1), 0.5, np.float32))
+    with pytest.raises(ImageError, match=r"scan.png: image is 1x1 pixels; expected at least 8 on each side"):
+        trained.model.load_pair(tiny, name="scan.png")
+    (tmp_path / "thin.png").write_bytes(encode_png(np.full((3, 40), 0.5, np.float32)))
+    with pytest.raises(ImageError, match=r"thin.png: image is 40x3 pixels"):
+        trained.model.score_images([tmp_path / "thin.png"])
+    assert trained.model.load(encode_png(np.full((8, 8), 0.5, np.float32))).shape == (48, 48, 1)
+
+
 def test_failed_save_keeps_the_previous_model(trained, tmp_path, monkeypatch):
     target = tmp_path / "m"
     trained.model.save(target)

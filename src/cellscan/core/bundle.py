@@ -92,6 +92,9 @@ class ScoreResult:
         }
 
 
+MIN_IMAGE_SIDE = 8  # the smallest image side scored (or the model's working side where that is smaller)
+
+
 class CellscanModel:
     """The networks with their working size, threshold, score configuration and map statistics."""
 
@@ -229,7 +232,7 @@ class CellscanModel:
 
     def load(self, source: str | Path | bytes, max_pixels: int = 50_000_000) -> np.ndarray:
         """Load one image the way this model expects it: (H, W, C) at the working size."""
-        return load_image(source, size=self.shape, channels=self.channels, max_pixels=max_pixels)
+        return self.load_pair(source, max_pixels)[0]
 
     def load_pair(self, source: str | Path | bytes, max_pixels: int = 50_000_000,
                   name: str = "image") -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +242,12 @@ class CellscanModel:
             native = decode_image(bytes(source), channels=self.channels, max_pixels=max_pixels, name=name)
         else:
             native = load_image(source, channels=self.channels, max_pixels=max_pixels)
+            name = str(source)
+        least = min(MIN_IMAGE_SIDE, *self.shape)
+        if min(native.shape[:2]) < least:  # a 1x1 or 3x5 "image" holds nothing to judge a scan by
+            msg = (f"{name}: image is {native.shape[1]}x{native.shape[0]} pixels; expected at least {least} on "
+                   f"each side (this model works at {self.shape[1]}x{self.shape[0]})")
+            raise ImageError(msg)
         return resize(native, self.shape), native
 
     def score_images(self, sources: Sequence[str | Path | bytes]) -> ScoreResult:
