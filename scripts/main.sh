@@ -10,8 +10,12 @@ root=$(python -c 'from cellscan.core.config import load_params; print(load_param
 
 echo "== 1/4 data: the version data.dvc names"
 if ! dvc pull -q data.dvc 2>/dev/null; then
-  echo "   (remote empty: regenerating the deterministic synthetic set)"
-  cellscan synth >/dev/null
+  if [ -n "$(ls -A "$root" 2>/dev/null)" ]; then
+    echo "   (remote empty: keeping the images already in $root)"
+  else
+    echo "   (remote empty: regenerating the deterministic synthetic set)"
+    cellscan synth >/dev/null
+  fi
 fi
 dvc add -q data && dvc push -q data.dvc || true
 echo "   data version $(python -c 'from cellscan.mlops.versioning import data_hash; from pathlib import Path; print(data_hash(Path(".")))')"

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cellscan.core.config import load_params, parse_overrides
 from cellscan.settings import setup_offline
-from cellscan.errors import CellscanError
+from cellscan.errors import CellscanError, ConfigError, DatasetError
 
 app = typer.Typer(help="cellscan: anomaly detection for CT/X-ray scans of battery cells.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -48,6 +48,32 @@ def _boundary(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _output_file(path: Path | None, what: str) -> Path | None:
+    """Check, before any work, that ``path`` can be written as a file (its folder made); a clear error if not."""
+    if path is None:
+        return None
+    if path.is_dir():
+        msg = f"{path} is a folder; expected a file path for the {what}"
+        raise ConfigError(msg)
+    _output_dir(path.parent, f"folder of the {what}")
+    return path
+
+
+def _output_dir(path: Path | None, what: str) -> Path | None:
+    """Make ``path`` as a folder before any work; a clear error where it is a file or cannot be made."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        msg = f"{path} is a file; expected a folder for the {what}"
+        raise ConfigError(msg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot make the folder {path} for the {what}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+    return path
 
 
 @app.callback()
@@ -112,18 +138,33 @@ def synth(
     params: ParamsOpt = Path("params.yaml"),
     overrides: SetOpt = None,
     as_json: JsonOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a folder that already holds files.")] = False,
 ) -> None:
     """Generate synthetic CT slices of cylindrical cells, with defects and masks."""
+    import shutil
+
     from cellscan.core.synth import generate
 
     p = load_params(params, parse_overrides(overrides or []))
     root = out_dir or Path(p.data.root)
     s = p.synth
-    with console.status(f"writing synthetic slices to {root}"):
-        counts = generate(
-            root, layout=layout, size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
-            n_per_defect=s.n_per_defect, seed=p.base.seed, bit_depth=s.bit_depth,
-        )
+    if root.exists() and not root.is_dir():
+        msg = f"{root} is a file; expected a folder for the dataset"
+        raise DatasetError(msg)
+    if root.exists() and any(root.iterdir()):  # writing into a dataset would mix old and new images
+        if not force:
+            msg = f"{root} already holds files; choose an empty or new folder, or pass --force to replace it"
+            raise DatasetError(msg)
+        shutil.rmtree(root)
+    try:
+        with console.status(f"writing synthetic slices to {root}"):
+            counts = generate(
+                root, layout=layout, size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
+                n_per_defect=s.n_per_defect, seed=p.base.seed, bit_depth=s.bit_depth,
+            )
+    except OSError as exc:
+        msg = f"cannot write the dataset to {root}: {exc.strerror or exc}"
+        raise DatasetError(msg) from None
     if as_json:
         _dump({"root": str(root), "counts": counts})
     else:
@@ -173,11 +214,11 @@ def train(
     from cellscan.core.train import train as run_train
 
     p = load_params(params, parse_overrides(overrides or []))
+    _output_file(metrics_file, "metrics JSON")
     bar = [] if as_json or not sys.stderr.isatty() else [_EpochProgress(p.train.epochs)]
     res = run_train(p, data or Path(p.data.root), model_dir, callbacks=bar)
     summary = res.summary() | {"model_dir": str(model_dir)}
     if metrics_file:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text(json.dumps(res.evaluation.metrics, indent=2))
     if as_json:
         _dump(summary | {"per_defect_auroc": res.evaluation.per_defect(), "by_area": res.evaluation.by_area()})
@@ -201,12 +242,13 @@ def evaluate(
     from cellscan.core.evaluate import evaluate_model
 
     p = load_params(params)
+    _output_file(metrics_file, "metrics JSON")
+    _output_dir(plots_dir, "plots")
     model = _load_model(model_dir)
     ds = load_dataset(data or Path(p.data.root))
     with console.status(f"scoring {len(ds.evaluation)} images"):
         ev = evaluate_model(model, ds, calibrate=calibrate, max_pixels=p.data.max_pixels)
     if metrics_file:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text(json.dumps(ev.metrics, indent=2))
     if plots_dir:
         _write_plots(ev, plots_dir)
@@ -253,13 +295,15 @@ def prepare(
 ) -> None:
     """Check every image of the dataset decodes, and write a manifest of roles and the hold-out split."""
     from cellscan.core.data import load_dataset
-    from cellscan.core.images import load_image
+    from cellscan.core.images import load_image, load_mask
 
     p = load_params(params)
     ds = load_dataset(data or Path(p.data.root))
     paths = ds.train + [s.path for s in ds.evaluation] + ds.temp
     for path in paths:
         load_image(path, max_pixels=p.data.max_pixels)
+    for sample in ds.evaluation:  # the ground-truth masks too: evaluate reads them
+        load_mask(sample.mask, 8)
     fit, hold = ds.split_train(p.data.val_fraction, p.base.seed)
     body = {
         "root": str(ds.root), "layout": ds.layout, "counts": ds.summary(),
@@ -282,16 +326,18 @@ def predict(
     """Score images: is_anomaly, anomaly_score (what the threshold applies to), reconstruction_error."""
     from cellscan.core.images import load_image
 
+    _output_dir(heatmaps, "heatmaps")
     model = _load_model(model_dir)
     res = model.score_images(images)
     rows = [{"image": str(path)} | res.record(i) for i, path in enumerate(images)]
     if heatmaps:
         from cellscan.core.plots import overlay_png
 
-        heatmaps.mkdir(parents=True, exist_ok=True)
-        for i, path in enumerate(images):  # at the image's own size
+        stems = [path.stem for path in images]
+        for i, path in enumerate(images):  # at the image's own size; a stem met twice gets its place in the list
             native = load_image(path, channels=model.channels)
-            (heatmaps / f"{path.stem}_heatmap.png").write_bytes(overlay_png(native, res.maps[i], model.threshold))
+            stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}"
+            (heatmaps / f"{stem}_heatmap.png").write_bytes(overlay_png(native, res.maps[i], model.threshold))
     if as_json:
         _dump(rows)
         return
@@ -473,16 +519,17 @@ def client_predict(
     url: Annotated[str, typer.Option(help="Service address.")] = "http://127.0.0.1:3000",
     out_csv: Annotated[Path, typer.Option("--out", help="Results CSV.")] = Path("results.csv"),
     events: Annotated[Path, typer.Option(help="Events log (JSON lines).")] = Path("events.log"),
-    workers: Annotated[int, typer.Option(help="Concurrent requests.")] = 4,
+    workers: Annotated[int, typer.Option(help="Concurrent requests.", min=1)] = 4,
     api_key: Annotated[str | None, typer.Option(envvar="CELLSCAN_API_KEY", help="API key.")] = None,
 ) -> None:
     """Send every image of FOLDER to /predict (3 tries with backoff); write results.csv and an events log."""
     from cellscan.serve.client import predict_folder
-    from cellscan.errors import DatasetError
 
     if not folder.is_dir():
-        msg = f"folder does not exist: {folder}"
+        msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
         raise DatasetError(msg)
+    _output_file(out_csv, "results CSV")
+    _output_file(events, "events log")
     s = predict_folder(folder, url, out_csv, events, workers=workers, api_key=api_key)
     out.print(f"{s.images} images: {s.ok} scored ({s.anomalies} anomalies), {s.failed} failed -> {out_csv}")
     out.print(f"process time {s.seconds:.2f} s, {1000 * s.per_prediction:.1f} ms per prediction "

@@ -59,3 +59,40 @@ def test_bad_input_exits_1_with_the_error_type(tmp_path, model_dir, trained):
 def test_bad_override_exits_1(tmp_path):
     res = runner.invoke(app, ["synth", "--set", "synth.size=8", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "synth.size must be between 32 and 2048" in res.output
+
+
+def test_synth_never_writes_into_a_folder_that_holds_files(tmp_path, params):
+    pf = _params_file(tmp_path, params)
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "mine.png").write_bytes(b"keep")
+    res = runner.invoke(app, ["synth", "--out", str(data), "-p", str(pf)])
+    assert res.exit_code == 1 and "already holds files" in res.output and "--force" in res.output
+    assert (data / "mine.png").read_bytes() == b"keep"
+    res = runner.invoke(app, ["synth", "--out", str(data / "mine.png"), "-p", str(pf)])
+    assert res.exit_code == 1 and "is a file; expected a folder" in res.output
+    res = runner.invoke(app, ["synth", "--out", str(data), "-p", str(pf), "--force", "--json"])
+    assert res.exit_code == 0, res.output
+    assert not (data / "mine.png").exists() and (data / "train" / "good").is_dir()  # replaced, not mixed
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, model_dir, dataset_dir, trained):
+    img = next((dataset_dir / "test" / "good").glob("*.png"))
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(app, ["predict", str(img), "-m", str(model_dir), "--heatmaps", str(tmp_path / "afile")])
+    assert res.exit_code == 1 and "afile is a file; expected a folder for the heatmaps" in res.output
+    res = runner.invoke(app, ["evaluate", "-m", str(model_dir), "-d", str(dataset_dir), "--metrics", str(tmp_path)])
+    assert res.exit_code == 1 and "is a folder; expected a file path for the metrics JSON" in res.output
+    res = runner.invoke(app, ["train", "-d", str(dataset_dir), "-o", str(tmp_path / "afile")])
+    assert res.exit_code == 1 and "afile is a file" in res.output  # refused before training
+
+
+def test_heatmaps_of_two_images_with_one_name_are_both_kept(tmp_path, model_dir, dataset_dir, trained):
+    img = next((dataset_dir / "test" / "good").glob("*.png"))
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.png").write_bytes(img.read_bytes())
+    res = runner.invoke(app, ["predict", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                              "-m", str(model_dir), "--heatmaps", str(tmp_path / "h")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["x_1_heatmap.png", "x_2_heatmap.png"]

@@ -27,6 +27,9 @@ def test_repo_params_load_into_typed_groups():
         ("score:\n  view_scale: 2\n", r"score.view_scale must be in \[0, 1\], got 2"),
         ("trian: {}\n", "unknown group"),
         ("train:\n  epochs: three\n", "train.epochs must be int"),
+        ("train:\n  epochs: .inf\n", "train.epochs must be int, got inf"),
+        ("data:\n  root:\n", "data.root must be str, got None"),  # not the folder "None"
+        ("data:\n  root: [a, b]\n", "data.root must be str"),
     ],
 )
 def test_bad_params_fail_with_a_message(tmp_path, yaml_text, needle):
@@ -39,6 +42,13 @@ def test_bad_params_fail_with_a_message(tmp_path, yaml_text, needle):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_params(tmp_path / "none.yaml")
+
+
+def test_an_override_that_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"override 'train.epochs=\[': the value is not a YAML scalar"):
+        parse_overrides(["train.epochs=["])
+    with pytest.raises(ConfigError, match="data.root must be str, got None"):
+        Params().with_overrides(parse_overrides(["data.root="]))
 
 
 def test_overrides_are_checked_again():

@@ -138,6 +138,19 @@ def test_export_without_the_dataset_is_a_clear_error(trained, model_dir, tmp_pat
         export.export_model(CellscanModel.load_dir(model_dir), tmp_path / "e", data_root=tmp_path / "nowhere")
 
 
+def test_export_never_replaces_the_bundle_or_a_folder_of_other_files(trained, model_dir, dataset_dir, tmp_path):
+    from cellscan.errors import ModelError
+
+    bundle = Path(shutil.copytree(model_dir, tmp_path / "bundle"))
+    before = sorted(f.name for f in bundle.iterdir())
+    with pytest.raises(ModelError, match=r"holds other files .* and no export"):
+        export.export_model(CellscanModel.load_dir(bundle), bundle, data_root=dataset_dir)
+    assert sorted(f.name for f in bundle.iterdir()) == before  # model.keras is still there
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ModelError, match="a.txt is a file"):
+        export.export_model(CellscanModel.load_dir(bundle), tmp_path / "a.txt", data_root=dataset_dir)
+
+
 def test_holder_serves_through_onnx_and_reuses_the_logged_export(trained, model_dir, dataset_dir, project):
     import shutil
 

@@ -179,3 +179,16 @@ def test_a_tiff_preview_page_is_not_a_slice(tmp_path):
     with pytest.raises(ImageError, match="a stack of 2 pages"):
         decode_image(data)
     assert [label for label, _ in iter_pages(data, name="v.tif")] == ["v.tif#page=1", "v.tif#page=3"]
+
+
+def test_a_broken_image_or_mask_read_for_its_size_or_as_a_mask_is_named(tmp_path):
+    from cellscan.core.images import image_shape, load_mask
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut_mask.png").write_bytes(encode_png(np.random.default_rng(0).random((64, 64)).astype(np.float32))[:200])
+    with pytest.raises(ImageError, match="empty.png: not an image"):
+        image_shape(tmp_path / "empty.png")
+    with pytest.raises(ImageError, match="empty.png: the ground-truth mask is not an image"):
+        load_mask(tmp_path / "empty.png", 8)
+    with pytest.raises(ImageError, match="cut_mask.png: truncated or corrupt ground-truth mask"):
+        load_mask(tmp_path / "cut_mask.png", 8)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +122,36 @@ def test_an_image_of_a_few_pixels_is_refused_not_scored(trained, tmp_path):
     with pytest.raises(ImageError, match=r"thin.png: image is 40x3 pixels"):
         trained.model.score_images([tmp_path / "thin.png"])
     assert trained.model.load(encode_png(np.full((8, 8), 0.5, np.float32))).shape == (48, 48, 1)
+
+
+def test_saving_over_something_that_is_not_a_model_is_refused_and_loses_nothing(trained, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    (tmp_path / "scan.png").write_bytes(b"png")
+    with pytest.raises(ModelError, match=r"holds other files \(keep.txt\) and no model directory"):
+        trained.model.save(tmp_path / "notes")
+    with pytest.raises(ModelError, match="scan.png is a file"):
+        trained.model.save(tmp_path / "scan.png")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+    assert (tmp_path / "scan.png").read_bytes() == b"png"
+    (tmp_path / "empty" / ".gitkeep").parent.mkdir()
+    (tmp_path / "empty" / ".gitkeep").write_text("")
+    for target in (tmp_path / "empty", tmp_path / "empty"):  # an empty folder, then an earlier model: replaced
+        assert (trained.model.save(target) / "meta.json").is_file()
+    assert oct((tmp_path / "empty").stat().st_mode & 0o777) == oct(0o755)  # not mkdtemp's 0700
+
+
+def test_a_half_written_bundle_is_a_model_error(trained, tmp_path):
+    target = trained.model.save(tmp_path / "m")
+    for text, needle in (("[1, 2]", "not an object"), ("{}", "missing channels, threshold, score")):
+        bad = tmp_path / f"bad{len(text)}"
+        shutil.copytree(target, bad)
+        (bad / "meta.json").write_text(text)
+        with pytest.raises(ModelError, match=f"meta.json: not a cellscan model's meta.json \\({needle}"):
+            CellscanModel.load_dir(bad)
+    (target / "map_stats.npz").write_bytes(b"junk")
+    with pytest.raises(ModelError, match=r"cannot read .*map_stats.npz"):
+        CellscanModel.load_dir(target)
 
 
 def test_failed_save_keeps_the_previous_model(trained, tmp_path, monkeypatch):

@@ -92,7 +92,41 @@ class ScoreResult:
         }
 
 
+def _read_arrays(path: Path, kind: Any) -> Any:
+    """One of a bundle's ``.npz`` parts as ``kind``, None where the bundle has none (saved before it)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:  # allow_pickle stays False: a bundle never runs code it loads
+            return kind.from_arrays({k: z[k] for k in z.files})
+    except Exception as exc:  # noqa: BLE001 (numpy and zipfile raise many types for a damaged file)
+        msg = f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); retrain or restore the model"
+        raise ModelError(msg) from None
+
+
 MIN_IMAGE_SIDE = 8  # the smallest image side scored (or the model's working side where that is smaller)
+
+
+def check_replaceable(directory: str | Path, markers: Sequence[str], what: str) -> Path:
+    """``directory`` resolved, where writing ``what`` there loses nothing: it does not exist, or is an empty
+    folder, or holds an earlier ``what`` (one of ``markers``). A file, or a folder of something else (a
+    dataset, notes, a model where an export goes), is refused before any work is done.
+
+    Raises:
+        ModelError: naming the path and a few of the files that would have been lost.
+    """
+    directory = Path(directory).resolve()
+    if not directory.exists():
+        return directory
+    if not directory.is_dir():
+        msg = f"{directory} is a file, not a folder; expected a path for the {what} (a new or earlier {what} folder)"
+        raise ModelError(msg)
+    held = sorted(f.name for f in directory.iterdir() if not f.name.startswith("."))  # .gitkeep is no loss
+    if held and not any((directory / m).is_file() for m in markers):
+        msg = (f"{directory} holds other files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and no "
+               f"{what}; refusing to replace it: choose a new path or an earlier {what} folder")
+        raise ModelError(msg)
+    return directory
 
 
 class CellscanModel:
@@ -329,11 +363,17 @@ class CellscanModel:
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the model directory atomically (temporary sibling, then rename)."""
-        directory = Path(directory).resolve()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        """Write the model directory atomically (temporary sibling, then rename); it may replace an earlier
+        model directory, never a file or a folder of anything else (:func:`check_replaceable`)."""
+        directory = check_replaceable(directory, (MODEL_FILE, META_FILE), "model directory")
         try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        except OSError as exc:
+            msg = f"cannot write the model directory {directory}: {exc.strerror or exc}"
+            raise ModelError(msg) from None
+        try:
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from the service's user
             self.keras_model.save(tmp / MODEL_FILE)
             meta = self.meta | {"cellscan_version": __version__}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -387,22 +427,13 @@ class CellscanModel:
         except Exception as exc:  # keras raises many types for a corrupt file
             msg = f"cannot load model from {directory}: {exc}"
             raise ModelError(msg) from exc
-        stats = None
-        if (directory / STATS_FILE).is_file():
-            with np.load(directory / STATS_FILE) as z:
-                stats = MapStats.from_arrays({k: z[k] for k in z.files})
-        view = None
-        if (directory / GLOBAL_FILE).is_file():
-            with np.load(directory / GLOBAL_FILE) as z:
-                view = GlobalView.from_arrays({k: z[k] for k in z.files})
-        patches = None
-        if (directory / PATCH_FILE).is_file():
-            with np.load(directory / PATCH_FILE) as z:
-                patches = PatchView.from_arrays({k: z[k] for k in z.files})
-        texture = None
-        if (directory / TEXTURE_FILE).is_file():
-            with np.load(directory / TEXTURE_FILE) as z:
-                texture = TextureView.from_arrays({k: z[k] for k in z.files})
+        missing = [k for k in ("channels", "threshold", "score") if k not in meta] if isinstance(meta, dict) else []
+        if not isinstance(meta, dict) or missing or not ("input_shape" in meta or "image_size" in meta):
+            what = f"missing {', '.join(missing) or 'input_shape'}" if isinstance(meta, dict) else "not an object"
+            msg = f"{directory / META_FILE}: not a cellscan model's meta.json ({what}); retrain or restore the model"
+            raise ModelError(msg)
+        stats, view, patches, texture = (_read_arrays(directory / name, kind) for name, kind in (
+            (STATS_FILE, MapStats), (GLOBAL_FILE, GlobalView), (PATCH_FILE, PatchView), (TEXTURE_FILE, TextureView)))
         return cls(model, meta, stats, view, patches, texture)
 
     def describe(self) -> dict[str, Any]:

@@ -315,9 +315,11 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
                 values[key] = int(value)
             elif isinstance(default, float):
                 values[key] = float(value)
-            else:
+            else:  # a word; an empty value (`-s data.root=`, `root:`) is not the folder "None"
+                if value is None or isinstance(value, dict | list):
+                    raise TypeError
                 values[key] = str(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: .inf for an integer
             msg = f"params: {name}.{key} must be {type(default).__name__}, got {value!r}"
             raise ConfigError(msg) from None
     return replace(defaults, **values)
@@ -362,5 +364,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or "." not in key:
             msg = f"override must look like group.key=value, got {item!r}"
             raise ConfigError(msg)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            msg = f"override {item!r}: the value is not a YAML scalar ({str(exc).splitlines()[0]})"
+            raise ConfigError(msg) from None
     return out

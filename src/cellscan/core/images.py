@@ -243,9 +243,20 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def image_shape(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header only."""
-    with Image.open(path) as img:
-        return img.size[1], img.size[0]
+    """(height, width) of an image file, read from its header only.
+
+    Raises:
+        ImageError: the file is not an image (or its header is broken), naming it.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except UnidentifiedImageError:
+        msg = f"{path}: not an image; expected one of {', '.join(SUPPORTED_FORMATS)}"
+        raise ImageError(msg) from None
+    except _DECODE_ERRORS as exc:
+        msg = f"{path}: corrupt image header ({str(exc)[:120]})"
+        raise ImageError(msg) from None
 
 
 def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
@@ -253,8 +264,15 @@ def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
     h, w = _hw(size)
     if path is None or not path.is_file():
         return np.zeros((h, w), dtype=bool)
-    with Image.open(path) as img:
-        small = img.convert("L").resize((w, h), Image.NEAREST)
+    try:
+        with Image.open(path) as img:
+            small = img.convert("L").resize((w, h), Image.NEAREST)
+    except UnidentifiedImageError:
+        msg = f"{path}: the ground-truth mask is not an image; expected a PNG of 0 and 255"
+        raise ImageError(msg) from None
+    except _DECODE_ERRORS as exc:
+        msg = f"{path}: truncated or corrupt ground-truth mask ({str(exc)[:120]})"
+        raise ImageError(msg) from None
     return np.asarray(small) > 127
 
 

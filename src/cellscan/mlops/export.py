@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult
+from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult, check_replaceable
 from cellscan.core.scoring import maps_key
 from cellscan.edge import EXPORT_INFO, MODEL_FILES, PARITY_FILE, load_export, read_info
 from cellscan.errors import ConfigError, DatasetError, ModelError, ParityError
@@ -219,11 +219,16 @@ def export_model(
         msg = "this model has no Keras networks to export (it was loaded from an export)"
         raise ModelError(msg)
     t0 = time.perf_counter()
+    out_dir = check_replaceable(out_dir, (EXPORT_INFO, PARITY_FILE), "export")  # never the bundle itself
     x, labels, names, train = _evaluation_images(model, Path(data_root))
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    except OSError as exc:
+        msg = f"cannot write the export {out_dir}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
+    try:
+        work.chmod(0o755)
         # Every file the bundle writes except the Keras graph: whatever its scoring reads comes along.
         model.save(work / "bundle")
         for f in (work / "bundle").iterdir():
