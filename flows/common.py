@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from cellscan.mlops import steps as pipeline
 from cellscan.mlops import watchdog
 from cellscan.core.config import Params, load_params
+from cellscan.errors import CellscanError
 from cellscan.settings import Settings, setup_offline
 
 
@@ -108,13 +110,18 @@ def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[st
     ap.add_argument("--result", default=None, help="write the flow's result as JSON to this file")
     args = ap.parse_args(argv)
     setup_offline()  # telemetry off before the first flow run starts Prefect's local API or imports MLflow
-    dog = watchdog.start()  # killed, this process leaves its flow run crashed and no process behind
     try:
-        hooks = [*getattr(flow_fn, "on_running_hooks", []), watchdog.prefect_hook(dog)]
-        run = flow_fn.with_options(on_running=hooks) if hasattr(flow_fn, "with_options") else flow_fn
-        result = run(project=args.project, params_path=args.params)
-    finally:
-        dog.close()
+        context(args.project, args.params, None)  # a wrong --project or params file: said at once, no flow run
+        dog = watchdog.start()  # killed, this process leaves its flow run crashed and no process behind
+        try:
+            hooks = [*getattr(flow_fn, "on_running_hooks", []), watchdog.prefect_hook(dog)]
+            run = flow_fn.with_options(on_running=hooks) if hasattr(flow_fn, "with_options") else flow_fn
+            result = run(project=args.project, params_path=args.params)
+        finally:
+            dog.close()
+    except CellscanError as exc:  # the flow run is marked failed with its log; the shell gets one line
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.result:
         write_result(args.result, result)
     return 0

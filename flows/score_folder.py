@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from cellscan.errors import CellscanError
 from cellscan.mlops import batchscore
 from flows.common import context
 
@@ -52,9 +53,10 @@ def score_folder_flow(folder: str, out: str = "runs/score", project: str = ".", 
     dst = Path(out) if Path(out).is_absolute() else root / out
     result = score(settings, src, dst, model)
     result["mlflow_run"] = log_run(settings, src, dst, result)
-    print(f"{result['images']} images, {result['anomaly']} flagged (rate {result['anomaly_rate']:.3f}), "
-          f"{result['ms_per_prediction']:.1f} ms per prediction with version {result['model_version']} -> "
-          f"{dst / 'results.csv'}, {dst / 'summary.html'}")
+    failed = f", {result['failed']} failed (their errors are in results.csv)" if result["failed"] else ""
+    print(f"{result['images']} images, {result['anomaly']} flagged (rate {result['anomaly_rate']:.3f} of those "
+          f"scored){failed}, {result['ms_per_prediction']:.1f} ms per prediction with version "
+          f"{result['model_version']} -> {dst / 'results.csv'}, {dst / 'summary.html'}")
     return result
 
 
@@ -71,4 +73,11 @@ if __name__ == "__main__":
     ap.add_argument("--dvc-target", default=None)
     a = ap.parse_args()
     setup_offline()
-    score_folder_flow(a.folder, a.out, a.project, model=a.model, dvc_target=a.dvc_target)
+    try:
+        if not a.dvc_target:  # a wrong folder is said at once, before a flow run starts
+            target = Path(a.folder) if Path(a.folder).is_absolute() else Path(a.project).resolve() / a.folder
+            batchscore.folder_images(target, must_hold_images=True)
+        res = score_folder_flow(a.folder, a.out, a.project, model=a.model, dvc_target=a.dvc_target)
+    except CellscanError as exc:
+        raise SystemExit(f"{type(exc).__name__}: {exc}") from None
+    raise SystemExit(1 if res["failed"] else 0)  # as `cellscan client predict`: rows with errors are a failure

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cellscan.core.data import list_images
-from cellscan.core.images import iter_pages
+from cellscan.core.images import IMAGE_SUFFIXES, iter_pages
 from cellscan.errors import CellscanError, DatasetError
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
@@ -41,11 +41,20 @@ FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_erro
           "error"]
 
 
-def folder_images(folder: Path) -> list[Path]:
+def folder_images(folder: Path, *, must_hold_images: bool = False) -> list[Path]:
+    """The images under ``folder`` (recursively), sorted.
+
+    Raises:
+        DatasetError: ``folder`` is missing or a file, or (``must_hold_images``) holds no image.
+    """
     if not folder.is_dir():
-        msg = f"folder does not exist: {folder}"
+        msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
         raise DatasetError(msg)
-    return sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
+    paths = sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
+    if must_hold_images and not paths:
+        msg = f"no images under {folder}; expected {', '.join(IMAGE_SUFFIXES)} files"
+        raise DatasetError(msg)
+    return paths
 
 
 def _entries(paths: list[Path]) -> Iterator[tuple[str, bytes | Exception]]:
@@ -64,7 +73,7 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
     from cellscan.core.plots import overlay_png
 
     model, version = registry.load_model(ref, settings)
-    entries = _entries(folder_images(folder))
+    entries = _entries(folder_images(folder, must_hold_images=True))
     plog = PredictionLog.from_settings(settings) if log and settings.prediction_log else None
     batch_id = f"batch-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rows: list[dict[str, Any]] = []
