@@ -52,3 +52,15 @@ def test_log_writes_reads_and_prunes(tmp_path):
     log.add_alert("drift", 3, True, {"columns": ["mean"]})
     assert log.last_emitted(("drift",)) is not None and log.last_emitted(("rate",)) is None
     writer.close()
+
+
+def test_a_batch_where_nothing_scored_writes_strict_json(tmp_path):
+    """No image scored: no mean score, written as null (NaN is not JSON; strict parsers refuse it)."""
+    import json
+
+    from cellscan.mlops.monitor.batches import summarise, write_metrics
+
+    m = summarise([{"image": "a.png", "status": "error", "error": "not an image"}], 0.5, "batch-x")
+    write_metrics(tmp_path, m)
+    body = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert body["mean_score"] is None and body["failed"] == 1 and body["scored"] == 0

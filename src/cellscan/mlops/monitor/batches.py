@@ -4,6 +4,7 @@ mean score, anomaly rate and the count per verdict; as rows and as Prometheus te
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,5 +68,6 @@ def summarise(rows: list[dict[str, Any]], seconds: float, key: str) -> dict[str,
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json and metrics.prom next to results.csv."""
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(strict, indent=2, allow_nan=False))  # NaN is not JSON: null
     (out_dir / "metrics.prom").write_text(prometheus_text([metrics]))
