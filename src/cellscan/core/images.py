@@ -213,7 +213,11 @@ def decode_image(
         msg = f"channels must be 1 or 3, got {channels}"
         raise ImageError(msg)
     img = _open(data, name, max_pixels)
-    arr = _to_float(img, channels)
+    try:
+        arr = _to_float(img, channels)
+    except ImageError as exc:  # non-finite float pixels: named like every other refusal
+        msg = f"{name}: {exc}"
+        raise ImageError(msg) from None
     return resize(arr, size) if size else arr
 
 
