@@ -68,6 +68,10 @@ def test_versions_gate_and_rollback_after_an_outside_alias_move(trained, model_d
 
     info = registry.lineage(store, 2)
     assert info["compared_with"] == "1" and info["champion_metrics"] == good
+    assert registry.lineage(store, "models:/cellscan/2")["version"] == 2  # the form predict -m takes
+    assert registry.lineage(store, "models:/cellscan@champion")["version"] == 1
+    with pytest.raises(RegistryError, match="names 'other'; this registry's model is 'cellscan'"):
+        registry.lineage(store, "models:/other@champion")
     assert "compared with champion version 1" in info["description"]
 
     model, version = registry.load_model("models:/cellscan/2", store)

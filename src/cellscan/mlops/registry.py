@@ -55,6 +55,11 @@ def champion_version(settings: Settings) -> int | None:
 def _resolve(mc: MlflowClient, name: str, ref: int | str) -> Any:
     from mlflow.exceptions import MlflowException
 
+    if isinstance(ref, str) and ref.startswith("models:/"):  # the form `predict -m` takes, for every command
+        other, ref = parse_ref(ref)  # type: ignore[assignment]
+        if other != name:
+            msg = f"model reference names {other!r}; this registry's model is {name!r}"
+            raise RegistryError(msg)
     try:
         if isinstance(ref, int) or str(ref).isdigit():
             return mc.get_model_version(name, str(ref))
