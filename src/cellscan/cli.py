@@ -528,6 +528,9 @@ def client_predict(
     if not folder.is_dir():
         msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
         raise DatasetError(msg)
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1].strip("/")) == 0:
+        msg = f"--url {url!r}: expected the service's address, http(s)://host:port"
+        raise ConfigError(msg)
     _output_file(out_csv, "results CSV")
     _output_file(events, "events log")
     s = predict_folder(folder, url, out_csv, events, workers=workers, api_key=api_key)

@@ -96,3 +96,14 @@ def test_heatmaps_of_two_images_with_one_name_are_both_kept(tmp_path, model_dir,
                               "-m", str(model_dir), "--heatmaps", str(tmp_path / "h")])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["x_1_heatmap.png", "x_2_heatmap.png"]
+
+
+def test_client_predict_checks_its_url_and_folder_before_sending(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    res = runner.invoke(app, ["client", "predict", str(tmp_path), "--url", "notaurl"])
+    assert res.exit_code == 1 and "expected the service's address, http(s)://host:port" in res.output
+    res = runner.invoke(app, ["client", "predict", str(tmp_path / "a.png")])
+    assert res.exit_code == 1 and "a.png is a file; expected a folder of images" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["client", "predict", str(tmp_path / "empty"), "--out", str(tmp_path / "r.csv")])
+    assert res.exit_code == 1 and "no images under" in res.output

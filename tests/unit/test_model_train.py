@@ -172,6 +172,11 @@ def test_failed_save_keeps_the_previous_model(trained, tmp_path, monkeypatch):
 def test_loading_a_non_model_directory_is_explained(tmp_path):
     with pytest.raises(ModelError, match="missing model.keras"):
         CellscanModel.load_dir(tmp_path)
+    with pytest.raises(ModelError, match="model directory does not exist: .*nothere"):
+        CellscanModel.load_dir(tmp_path / "nothere")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ModelError, match="f is a file; expected a model directory"):
+        CellscanModel.load_dir(tmp_path / "f")
 
 
 def test_perlin_masks_and_ct_defects_are_local_and_change_the_image():

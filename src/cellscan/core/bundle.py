@@ -411,6 +411,10 @@ class CellscanModel:
             ModelError: the directory or one of its files is missing or unreadable.
         """
         directory = Path(directory)
+        if not directory.is_dir():
+            msg = (f"model directory does not exist: {directory}" if not directory.exists()
+                   else f"{directory} is a file; expected a model directory (model.keras, meta.json, ...)")
+            raise ModelError(msg)
         for name in (MODEL_FILE, META_FILE) if network else (META_FILE,):
             if not (directory / name).is_file():
                 msg = f"not a cellscan model directory (missing {name}): {directory}"
