@@ -46,6 +46,16 @@ def _boundary(fn: F) -> F:
         except CellscanError as exc:
             console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] != "mlflow":
+                raise
+            import os
+
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            uri = os.environ.get("MLFLOW_TRACKING_URI", "the local store")
+            console.print(f"[red]TrackingError[/red]: MLflow ({uri}) failed: {first}", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -351,6 +361,17 @@ def predict(
 
 
 models_app = typer.Typer(help="The MLflow model registry: versions, champion, rollback.", no_args_is_help=True)
+
+
+@models_app.callback()
+def _models() -> None:
+    """A tracking server that does not answer is said in seconds, not after MLflow's minutes of retries."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # each retry's warning: the one line below says it
 app.add_typer(models_app, name="models")
 
 

@@ -107,3 +107,12 @@ def test_client_predict_checks_its_url_and_folder_before_sending(tmp_path):
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["client", "predict", str(tmp_path / "empty"), "--out", str(tmp_path / "r.csv")])
     assert res.exit_code == 1 and "no images under" in res.output
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line(monkeypatch):
+    for key, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "30")):  # the CLI's own; restored
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{key}", value)                         # after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    res = runner.invoke(app, ["models", "list"])
+    assert res.exit_code == 1 and "TrackingError: MLflow (http://127.0.0.1:1) failed" in res.output
+    assert "Traceback" not in res.output
