@@ -559,6 +559,7 @@ def client_predict(
     out.print(f"process time {s.seconds:.2f} s, {1000 * s.per_prediction:.1f} ms per prediction "
               f"(metrics.json, metrics.prom beside {out_csv.name})")
     if s.failed:
+        console.print(f"first failure: {s.first_error[:300]}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -107,6 +107,10 @@ def test_client_predict_checks_its_url_and_folder_before_sending(tmp_path):
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["client", "predict", str(tmp_path / "empty"), "--out", str(tmp_path / "r.csv")])
     assert res.exit_code == 1 and "no images under" in res.output
+    res = runner.invoke(app, ["client", "predict", str(tmp_path), "--url", "http://127.0.0.1:1",
+                              "--out", str(tmp_path / "out" / "r.csv"), "--events", str(tmp_path / "out" / "e.log")])
+    assert res.exit_code == 1 and "1 failed" in res.output
+    assert "first failure: " in res.output and "ConnectError" in res.output  # the reason, not only in the CSV
 
 
 def test_a_tracking_server_that_does_not_answer_is_one_line(monkeypatch):

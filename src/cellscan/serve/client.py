@@ -35,6 +35,7 @@ class BatchSummary:
     failed: int
     anomalies: int
     seconds: float
+    first_error: str = ""  # the first failed image's error, to say on the console (all are in the CSV)
 
     @property
     def per_prediction(self) -> float:
@@ -94,4 +95,6 @@ def predict_folder(
 
     write_metrics(out_csv.parent, summarise(rows, seconds, f"client-{time.strftime('%Y%m%dT%H%M%S')}"))
     ok = [r for r in rows if r.get("status") == "ok"]
-    return BatchSummary(len(rows), len(ok), len(rows) - len(ok), sum(bool(r.get("is_anomaly")) for r in ok), seconds)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    first = f"{failed[0]['image']}: {failed[0].get('error', '')}" if failed else ""
+    return BatchSummary(len(rows), len(ok), len(failed), sum(bool(r.get("is_anomaly")) for r in ok), seconds, first)
