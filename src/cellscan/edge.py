@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cellscan.core.bundle import CellscanModel
-from cellscan.core.images import IMAGE_SUFFIXES
+from cellscan.core.images import IMAGE_SUFFIXES, iter_file_pages
 from cellscan.errors import CellscanError, ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -192,16 +192,22 @@ def list_folder(folder: Path) -> list[Path]:
 
 
 def score_paths(model: CellscanModel, paths: list[Path], batch: int = 16) -> list[dict[str, Any]]:
-    """One row per image (the service's answer fields); an unreadable image gets ``status: error``."""
+    """One row per image, and per page of a stack (a multi-page TIFF of CT slices, ``<path>#page=K``), with
+    the service's answer fields; an unreadable image gets ``status: error``."""
+    import itertools
+
     version = model.meta.get("export", {}).get("source_version")
     rows: list[dict[str, Any]] = []
-    for i in range(0, len(paths), batch):
+    entries = iter_file_pages(paths)
+    while chunk_entries := list(itertools.islice(entries, batch)):
         good: list[tuple[int, np.ndarray]] = []
-        chunk = [{"image": str(p), "model_version": version} for p in paths[i : i + batch]]
-        for k, p in enumerate(paths[i : i + batch]):
+        chunk = [{"image": label, "model_version": version} for label, _ in chunk_entries]
+        for k, (label, data) in enumerate(chunk_entries):
             try:
-                good.append((k, model.load(p)))
-            except CellscanError as exc:
+                if isinstance(data, Exception):
+                    raise data
+                good.append((k, model.load_pair(data, name=label)[0]))
+            except (CellscanError, OSError) as exc:
                 chunk[k] |= {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
         if good:
             res = model.score_arrays(np.stack([x for _, x in good]))

@@ -69,6 +69,10 @@ def test_edge_posts_results_and_reports_bad_images(onnx_export, dataset_dir, tmp
     for p in sorted((dataset_dir / "test" / "good").glob("*.png"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")
+    from PIL import Image
+
+    first, second = (Image.open(p) for p in sorted((dataset_dir / "test" / "good").glob("*.png"))[:2])  # 2 slices
+    first.save(folder / "volume.tif", format="TIFF", save_all=True, append_images=[second])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/log"
@@ -80,13 +84,17 @@ def test_edge_posts_results_and_reports_bad_images(onnx_export, dataset_dir, tmp
     assert rc == 1  # one image could not be read
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     bad = [r for r in rows if r["status"] == "error"]
-    assert len(rows) == 4 and len(bad) == 1 and "broken.png" in bad[0]["image"] and "not an image" in bad[0]["error"]
+    assert len(rows) == 6 and len(bad) == 1 and "broken.png" in bad[0]["image"] and "not an image" in bad[0]["error"]
+    score = {Path(r["image"]).name: float(r["anomaly_score"]) for r in rows if r["status"] == "ok"}
+    pngs = sorted(n for n in score if n.endswith(".png"))
+    for k, name in enumerate(pngs[:2], 1):  # each slice of the stack scores as its own file
+        assert score[f"volume.tif#page={k}"] == pytest.approx(score[name], rel=1e-5)
     (body,) = _Sink.bodies
     assert body["source"] == "cellscan-edge" and body["runtime"] == "onnx" and body["key"] == "k"
     ok = [r for r in body["records"] if r["status"] == "ok"]
-    assert len(body["records"]) == 4 and len(ok) == 3
+    assert len(body["records"]) == 6 and len(ok) == 5
     assert {"image", "is_anomaly", "anomaly_score", "threshold", "model_version", "time"} <= set(ok[0])
-    assert "posted 4 results" in capsys.readouterr().out
+    assert "posted 6 results" in capsys.readouterr().out
 
 
 def test_edge_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):

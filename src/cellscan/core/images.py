@@ -58,7 +58,8 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     pages = _pages(img, name)
     if len(pages) > 1 and not stack:
         msg = (f"{name}: a stack of {len(pages)} pages (a multi-page {img.format}, e.g. CT slices); expected "
-               "one image per file: batch scoring (python -m flows.score_folder) scores every page of a stack")
+               "one image per file: batch scoring (python -m flows.score_folder, cellscan-edge score) scores "
+               "every page of a stack")
         raise ImageError(msg)
     if pages[0]:  # the image is not the file's first page (that one is a preview)
         img.seek(pages[0])
@@ -145,6 +146,16 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
             yield label, buf.getvalue()
         except _DECODE_ERRORS as exc:
             yield label, ImageError(f"{label}: unreadable page ({str(exc)[:120]})")
+
+
+def iter_file_pages(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[str, bytes | Exception]]:
+    """:func:`iter_pages` over files, read one at a time: ``(label, bytes or the error)`` for each image and
+    each page of a stack; a file that cannot be read or is not an image yields its error under its path."""
+    for path in paths:
+        try:
+            yield from iter_pages(path.read_bytes(), name=str(path), max_pixels=max_pixels)
+        except (ImageError, OSError) as exc:
+            yield str(path), exc
 
 
 def _to_float(img: Image.Image, channels: int) -> np.ndarray:

@@ -20,14 +20,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cellscan.core.data import list_images
-from cellscan.core.images import IMAGE_SUFFIXES, iter_pages
+from cellscan.core.images import IMAGE_SUFFIXES, iter_file_pages
 from cellscan.errors import CellscanError, DatasetError
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
@@ -57,23 +56,13 @@ def folder_images(folder: Path, *, must_hold_images: bool = False) -> list[Path]
     return paths
 
 
-def _entries(paths: list[Path]) -> Iterator[tuple[str, bytes | Exception]]:
-    """``(label, bytes or the error reading them)`` for each image, and for each page of a stack (multi-page
-    TIFF: a CT volume's slices), labelled ``<path>#page=K``; read lazily, a chunk at a time."""
-    for p in paths:
-        try:
-            yield from iter_pages(p.read_bytes(), name=str(p))
-        except (CellscanError, OSError) as exc:
-            yield str(p), exc
-
-
 def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str = "champion",
                  chunk: int = 32, log: bool = True, max_heatmaps: int = 50) -> dict[str, Any]:
     """Score every image under ``folder`` with ``ref``; write the output folder; returns the batch metrics."""
     from cellscan.core.plots import overlay_png
 
     model, version = registry.load_model(ref, settings)
-    entries = _entries(folder_images(folder, must_hold_images=True))
+    entries = iter_file_pages(folder_images(folder, must_hold_images=True))
     plog = PredictionLog.from_settings(settings) if log and settings.prediction_log else None
     batch_id = f"batch-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rows: list[dict[str, Any]] = []
