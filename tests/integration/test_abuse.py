@@ -198,7 +198,7 @@ CASES = [
     ("truncated-png", "POST", "/predict", {"files": {"image": ("a.png", _png()[:150], "image/png")}}, 400,
      "bad_request", "truncated"),
     ("truncated-stack", "POST", "/predict", {"files": {"image": ("vol.tif", _stack()[:1000], "image/tiff")}}, 400,
-     "bad_request", "vol.tif: corrupt page directory"),
+     "bad_request", "vol.tif: truncated or corrupt TIFF data"),
     ("tiff-stack", "POST", "/predict", {"files": {"image": ("vol.tif", _stack(), "image/tiff")}}, 400,
      "bad_request", "vol.tif: a stack of 3 pages"),
     ("tiff-stack-upload", "POST", "/retrain", {"files": {"image": ("vol.tif", _stack(), "image/tiff")},

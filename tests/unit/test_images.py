@@ -142,7 +142,7 @@ def test_iter_pages_yields_each_slice_losslessly_and_a_single_image_as_it_is():
 
 def test_iter_pages_refuses_too_many_pages_and_reports_an_oversized_page():
     data = _stack([np.zeros((4, 4), np.uint8), np.zeros((40, 40), np.uint8), np.zeros((4, 4), np.uint8)])
-    with pytest.raises(ImageError, match="a stack of 3 pages; expected at most 2"):
+    with pytest.raises(ImageError, match="a stack of more than 2 pages; expected at most 2"):
         list(iter_pages(data, max_pages=2))
     pages = list(iter_pages(data, name="s.tif", max_pixels=100))
     assert isinstance(pages[1][1], ImageError)
@@ -151,10 +151,32 @@ def test_iter_pages_refuses_too_many_pages_and_reports_an_oversized_page():
 
 
 def test_a_truncated_stack_is_an_image_error():
-    """Counting a cut stack's pages makes Pillow raise TypeError (a missing tag): bad input, not a fault."""
-    data = _stack([np.full((48, 48), v, np.uint16) for v in (1, 2, 3)])[:1000]
-    with pytest.raises(ImageError, match="vol.tif: corrupt page directory"):
-        decode_image(data, name="vol.tif")
+    """A stack cut short: its first page fails to load, or it is still a stack of the pages that remain."""
+    for cut, needle in ((1000, "vol.tif: truncated or corrupt TIFF data"), (5000, "vol.tif: a stack of 2 pages")):
+        data = _stack([np.full((48, 48), v, np.uint16) for v in (1, 2, 3)])[:cut]
+        with pytest.raises(ImageError, match=needle):
+            decode_image(data, name="vol.tif")
+
+
+def test_a_tiff_whose_next_page_link_is_broken_is_one_image():
+    """Pillow reads such a file's image, and cellscan scored it before it counted pages: it still does."""
+    import struct
+
+    data = bytearray(_stack([np.full((6, 5), 300, np.uint16)]))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    count = struct.unpack_from("<H", data, ifd)[0]
+    for link in (len(data) + 999, 0xFFFFFF00, 3):  # past the end, garbage, inside the header
+        struct.pack_into("<I", data, ifd + 2 + 12 * count, link)
+        assert float(decode_image(bytes(data)).max()) == pytest.approx(300 / 65535)
+        assert [label for label, _ in iter_pages(bytes(data), name="a.tif")] == ["a.tif"]
+
+
+def test_a_long_chain_of_pages_is_refused_after_reading_a_few():
+    """Thousands of tiny pages (a crafted upload) are refused once the first 64 headers show a stack: the
+    message says so instead of a count, which would have meant reading them all."""
+    data = _stack([np.zeros((2, 2), np.uint8)] * 300)
+    with pytest.raises(ImageError, match="a stack of more than 64 pages"):
+        decode_image(data)
 
 
 def test_a_tiff_preview_page_is_not_a_slice(tmp_path):
@@ -192,3 +214,15 @@ def test_a_broken_image_or_mask_read_for_its_size_or_as_a_mask_is_named(tmp_path
         load_mask(tmp_path / "empty.png", 8)
     with pytest.raises(ImageError, match="cut_mask.png: truncated or corrupt ground-truth mask"):
         load_mask(tmp_path / "cut_mask.png", 8)
+
+
+def test_pages_of_a_jpeg_compressed_stack_keep_their_pixels():
+    """Each page is passed on uncompressed: re-encoding a JPEG page as JPEG would change its grey levels."""
+    rng = np.random.default_rng(3)
+    imgs = [Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)) for _ in range(2)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="TIFF", save_all=True, append_images=imgs[1:], compression="jpeg")
+    stack = Image.open(io.BytesIO(buf.getvalue()))
+    for k, (_, page) in enumerate(iter_pages(buf.getvalue())):
+        stack.seek(k)
+        assert np.array_equal(decode_image(page)[..., 0], np.asarray(stack, np.float32) / 255)

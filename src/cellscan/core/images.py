@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # What Pillow raises on a damaged file: a truncated TIFF's missing tag is a TypeError (from a KeyError).
 _DECODE_ERRORS = (ValueError, OSError, SyntaxError, struct.error, EOFError, TypeError, KeyError, IndexError)
 MAX_PAGES = 4096  # pages of one stack (multi-page TIFF) that batch scoring reads
+SINGLE_SCAN = 64  # page headers read to tell one image (perhaps with previews) from a stack
 
 
 def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Image.Image:
@@ -55,14 +56,15 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     if img.format not in SUPPORTED_FORMATS:
         msg = f"{name}: unsupported format {img.format}; expected one of {', '.join(SUPPORTED_FORMATS)}"
         raise ImageError(msg)
-    pages = _pages(img, name)
-    if len(pages) > 1 and not stack:
-        msg = (f"{name}: a stack of {len(pages)} pages (a multi-page {img.format}, e.g. CT slices); expected "
-               "one image per file: batch scoring (python -m flows.score_folder, cellscan-edge score) scores "
-               "every page of a stack")
-        raise ImageError(msg)
-    if pages[0]:  # the image is not the file's first page (that one is a preview)
-        img.seek(pages[0])
+    if not stack:  # reads at most SINGLE_SCAN page headers (a crafted chain of thousands costs no more)
+        pages, cut = _pages(img, SINGLE_SCAN)
+        if len(pages) > 1:
+            msg = (f"{name}: a stack of {f'more than {SINGLE_SCAN}' if cut else len(pages)} pages (a multi-page "
+                   f"{img.format}, e.g. CT slices); expected one image per file: batch scoring (python -m "
+                   "flows.score_folder, cellscan-edge score) scores every page of a stack")
+            raise ImageError(msg)
+        if pages[0]:  # the image is not the file's first page (that one is a preview)
+            img.seek(pages[0])
     w, h = img.size
     if w * h > max_pixels:
         msg = f"{name}: image has {w}x{h}={w * h} pixels; expected at most {max_pixels}"
@@ -81,23 +83,34 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     return img
 
 
-def _pages(img: Image.Image, name: str) -> list[int]:
-    """The indices of the file's images: every page, less a TIFF's reduced-resolution ones (previews and
-    thumbnails, NewSubfileType bit 0) where it has a full-resolution page."""
-    try:
+def _pages(img: Image.Image, limit: int) -> tuple[list[int], bool]:
+    """The indices of the file's images among its first ``limit`` pages, and whether pages were left
+    unread. A TIFF's reduced-resolution pages (previews, thumbnails:
+    NewSubfileType bit 0) are not images where it has a full-resolution one. A page chain that breaks after
+    the first page ends the file there: Pillow reads such a file's first image, and so does cellscan."""
+    if img.format == "PNG":  # an animated PNG gives its frame count in one chunk
         n = int(getattr(img, "n_frames", 1) or 1)
-        if n == 1 or img.format != "TIFF":
-            return list(range(n))
-        full = []
-        for k in range(n):
-            img.seek(k)
+        return list(range(min(n, limit))), n > limit
+    if img.format != "TIFF":
+        return [0], False
+    full: list[int] = []
+    k, cut = 0, False
+    try:
+        while True:
             if not int(img.tag_v2.get(254, 0)) & 1:
                 full.append(k)
+            if k + 1 >= limit:
+                cut = True
+                break
+            img.seek(k + 1)
+            k += 1
+    except _DECODE_ERRORS:  # the end of the chain (EOFError), or a broken link after the first page
+        pass
+    try:
         img.seek(0)
-    except _DECODE_ERRORS as exc:  # a broken chain of TIFF pages
-        msg = f"{name}: corrupt page directory ({str(exc)[:120]})"
-        raise ImageError(msg) from None
-    return full or list(range(n))
+    except _DECODE_ERRORS:
+        pass
+    return full or list(range(k + 1)), cut
 
 
 def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -106,9 +119,9 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
 
     A file of one image yields ``(name, data)`` as it is (a TIFF's reduced-resolution previews are not
     images); a stack yields ``name#page=K`` (K from 1, the page's place in the file) with the
-    page re-encoded losslessly in its own format and mode (16-bit stays 16-bit), one at a time, so a stack
-    of a thousand slices is never in memory as a whole. A page that cannot be read yields its error and the
-    next pages still come.
+    page re-encoded losslessly in its own format and mode (16-bit stays 16-bit; a TIFF page uncompressed),
+    one at a time: the file is read whole, its pages are decoded one by one. A page that cannot be read
+    yields its error and the next pages still come.
 
     Raises:
         ImageError: the file itself is not a readable image, or holds more than ``max_pages`` pages.
@@ -124,12 +137,12 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
         [('ct.tif#page=1', 0.015259...), ('ct.tif#page=2', 0.030518...)]
     """
     img = _open(data, name, max_pixels, stack=True)
-    pages = _pages(img, name)
-    if len(pages) == 1:
+    pages, cut = _pages(img, max_pages + 1)
+    if len(pages) == 1 and not cut:
         yield name, data
         return
-    if len(pages) > max_pages:
-        msg = f"{name}: a stack of {len(pages)} pages; expected at most {max_pages}"
+    if cut or len(pages) > max_pages:
+        msg = f"{name}: a stack of more than {max_pages} pages; expected at most {max_pages}"
         raise ImageError(msg)
     for k in pages:
         label = f"{name}#page={k + 1}"
@@ -142,7 +155,10 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
                 continue
             img.load()
             buf = io.BytesIO()
-            img.save(buf, format=img.format)
+            if img.format == "TIFF":  # uncompressed: a JPEG-compressed page would lose grey levels again
+                img.save(buf, format="TIFF", compression="raw")
+            else:
+                img.save(buf, format=img.format)
             yield label, buf.getvalue()
         except _DECODE_ERRORS as exc:
             yield label, ImageError(f"{label}: unreadable page ({str(exc)[:120]})")
