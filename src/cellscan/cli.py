@@ -402,18 +402,21 @@ def models_list(as_json: JsonOpt = False) -> None:
 
 @models_app.command("promote")
 @_boundary
-def models_promote(version: Annotated[int, typer.Argument(help="Version to make champion.")]) -> None:
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version (a number, an alias or models:/cellscan/N) to make champion.")],
+) -> None:
     """Make VERSION the champion (the previous one is remembered for rollback)."""
     from cellscan.mlops import registry
 
-    prev = registry.promote(_settings(), version, "manual promotion")
-    out.print(f"champion: version {prev} -> {version}")
+    settings = _settings()
+    prev = registry.promote(settings, version, "manual promotion")
+    out.print(f"champion: version {prev} -> {registry.champion_version(settings)}")
 
 
 @models_app.command("rollback")
 @_boundary
 def models_rollback(
-    version: Annotated[int | None, typer.Argument(help="Version to roll back to (default: previous champion).")] = None,
+    version: Annotated[str | None, typer.Argument(help="Version to roll back to (default: previous champion).")] = None,
 ) -> None:
     """Move the champion alias back to VERSION, or to the previous champion."""
     from cellscan.mlops import registry

@@ -88,6 +88,9 @@ def test_versions_gate_and_rollback_after_an_outside_alias_move(trained, model_d
     assert registry.rollback(store) == 1
     assert registry.rollback(store, 3) == 3
     assert registry.previous_champion(store) == 1  # 2 was rolled back from, 1 served
+    assert registry.rollback(store, "models:/cellscan/1") == 1  # references as predict -m takes them
+    assert registry.promote(store, "models:/cellscan/3", "manual") == 1 and registry.champion_version(store) == 3
+    assert registry.rollback(store, "1") == 1
 
 
 def test_run_records_params_and_data_files(store, tmp_path):

@@ -182,3 +182,15 @@ def test_global_view_round_trips_with_its_spreads():
     again = GlobalView.from_arrays(view.to_arrays())
     np.testing.assert_allclose(again.scores(normals[40:]), view.scores(normals[40:]), rtol=1e-6)
     assert again.norms == pytest.approx(view.norms)
+
+
+def test_the_verdict_is_taken_in_float64_as_its_reader_takes_it():
+    """A float32 score at the float32 rounding of the threshold: NumPy 2 compares it in float32 (not above),
+    the JSON reader in float64 (above). The answer must say what its own numbers say."""
+    from cellscan.core.bundle import ScoreResult
+
+    scores = np.array([0.1, 0.05], np.float32)
+    res = ScoreResult(scores, scores, np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4, 1), np.float32), 0.1)
+    rec = res.record(0)
+    assert rec["is_anomaly"] == (rec["anomaly_score"] > rec["threshold"]) is True
+    assert res.is_anomaly.tolist() == [True, False]

@@ -80,12 +80,13 @@ class ScoreResult:
 
     @property
     def is_anomaly(self) -> np.ndarray:
-        return self.scores > self.threshold
+        return self.scores.astype(np.float64) > float(self.threshold)  # as record(): in float64
 
     def record(self, i: int) -> dict[str, Any]:
         """The per-image answer: ``is_anomaly``, ``anomaly_score``, ``reconstruction_error`` and ``threshold``."""
         return {
-            "is_anomaly": bool(self.scores[i] > self.threshold),
+            # In float64, as whoever reads the answer compares (NumPy 2 would compare a float32 score in float32)
+            "is_anomaly": float(self.scores[i]) > float(self.threshold),
             "anomaly_score": float(self.scores[i]),
             "reconstruction_error": float(self.recon_scores[i]),
             "threshold": float(self.threshold),

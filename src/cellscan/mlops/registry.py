@@ -205,11 +205,11 @@ def _set_champion(mc: MlflowClient, name: str, version: int, how: str) -> int | 
     return previous
 
 
-def promote(settings: Settings, version: int, reason: str = "manual") -> int | None:
-    """Make ``version`` the champion; returns the previous champion."""
+def promote(settings: Settings, version: int | str, reason: str = "manual") -> int | None:
+    """Make ``version`` (a number, an alias or models:/ reference) the champion; returns the previous one."""
     mc = client(settings)
     name = settings.model_name
-    _resolve(mc, name, version)
+    version = int(_resolve(mc, name, version).version)
     if _aliases(mc, name).get(CHAMPION) == version:
         return version
     mv = mc.get_model_version(name, str(version))
@@ -237,7 +237,7 @@ def previous_champion(settings: Settings) -> int | None:
     return best
 
 
-def rollback(settings: Settings, version: int | None = None) -> int:
+def rollback(settings: Settings, version: int | str | None = None) -> int:
     """Move ``champion`` back: to ``version``, or without one to :func:`previous_champion`.
 
     Raises:
@@ -251,7 +251,7 @@ def rollback(settings: Settings, version: int | None = None) -> int:
         if version is None:
             msg = f"no previous champion of {name!r} to roll back to (current: {current})"
             raise RegistryError(msg)
-    _resolve(mc, name, version)
+    version = int(_resolve(mc, name, version).version)
     if current is not None and version < current:  # going back: the newer one is not a candidate again
         mc.set_model_version_tag(name, str(current), ROLLED_BACK_TAG, _stamp(f"rolled back to {version}"))
     mv = mc.get_model_version(name, str(version))

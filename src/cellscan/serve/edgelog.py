@@ -112,7 +112,7 @@ def edge_rows(body: Any, now: float | None = None, max_records: int = MAX_RECORD
             raise _fail(msg)
         ts = now if ts is None else ts
         score, threshold = _number(rec, "anomaly_score", where), _number(rec, "threshold", where)
-        if rec["is_anomaly"] != (score > threshold):  # cellscan-edge sends exact floats: a mismatch is not ours
+        if rec["is_anomaly"] != (score > threshold):  # cellscan-edge decides in float64 on the floats it sends
             msg = (f"{where}.is_anomaly: {str(rec['is_anomaly']).lower()} contradicts anomaly_score {score:g} "
                    f"{'>' if score > threshold else '<='} threshold {threshold:g}; expected is_anomaly = "
                    "anomaly_score > threshold")
