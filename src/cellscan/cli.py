@@ -158,21 +158,31 @@ def synth(
     p = load_params(params, parse_overrides(overrides or []))
     root = out_dir or Path(p.data.root)
     s = p.synth
-    if root.exists() and not root.is_dir():
-        msg = f"{root} is a file; expected a folder for the dataset"
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        msg = f"{root} is a {'link' if root.is_symlink() else 'file'}; expected a folder for the dataset"
         raise DatasetError(msg)
-    if root.exists() and any(root.iterdir()):  # writing into a dataset would mix old and new images
-        if not force:
-            msg = f"{root} already holds files; choose an empty or new folder, or pass --force to replace it"
-            raise DatasetError(msg)
-        shutil.rmtree(root)
+    replace = root.exists() and any(root.iterdir())  # writing into a dataset would mix old and new images
+    if replace and not force:
+        msg = f"{root} already holds files; choose an empty or new folder, or pass --force to replace it"
+        raise DatasetError(msg)
+    target = root.with_name(f".{root.name}-synth") if replace else root  # the old set stays until the new is whole
     try:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)  # a half-written set left by an earlier failure
         with console.status(f"writing synthetic slices to {root}"):
             counts = generate(
-                root, layout=layout, size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
+                target, layout=layout, size=s.size, n_train=s.n_train, n_test_good=s.n_test_good,
                 n_per_defect=s.n_per_defect, seed=p.base.seed, bit_depth=s.bit_depth,
             )
+        if replace:
+            old = root.with_name(f".{root.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            root.rename(old)
+            target.rename(root)
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
         msg = f"cannot write the dataset to {root}: {exc.strerror or exc}"
         raise DatasetError(msg) from None
     if as_json:
@@ -364,10 +374,13 @@ models_app = typer.Typer(help="The MLflow model registry: versions, champion, ro
 
 
 @models_app.callback()
-def _models() -> None:
-    """A tracking server that does not answer is said in seconds, not after MLflow's minutes of retries."""
+def _models(ctx: typer.Context) -> None:
+    """A tracking server that does not answer is said in seconds, not after MLflow's minutes of retries; not
+    for register and reproduce, whose upload or minutes of training one hiccup must not lose."""
     import os
 
+    if ctx.invoked_subcommand in ("register", "reproduce"):
+        return
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -114,9 +114,14 @@ def test_client_predict_checks_its_url_and_folder_before_sending(tmp_path):
 
 
 def test_a_tracking_server_that_does_not_answer_is_one_line(monkeypatch):
-    for key, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "30")):  # the CLI's own; restored
-        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{key}", value)                         # after the test
+    import os
+
+    keys = [f"MLFLOW_HTTP_REQUEST_{k}" for k in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT")]
+    for key in keys:  # unset for the command, and whatever it sets is undone after the test
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     res = runner.invoke(app, ["models", "list"])
     assert res.exit_code == 1 and "TrackingError: MLflow (http://127.0.0.1:1) failed" in res.output
     assert "Traceback" not in res.output
+    assert [os.environ.get(k) for k in keys] == ["2", "1", "30"]  # a few quick tries, not MLflow's minutes

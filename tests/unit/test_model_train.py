@@ -134,6 +134,12 @@ def test_saving_over_something_that_is_not_a_model_is_refused_and_loses_nothing(
         trained.model.save(tmp_path / "scan.png")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
     assert (tmp_path / "scan.png").read_bytes() == b"png"
+    for name, files in (("repo", [".git"]), ("export", ["meta.json", "export.json", "model.onnx"])):
+        for f in files:  # a folder of hidden files only; an export (it has a meta.json, no model.keras)
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f).write_text("x")
+        with pytest.raises(ModelError, match="holds other files"):
+            trained.model.save(tmp_path / name)
     (tmp_path / "empty" / ".gitkeep").parent.mkdir()
     (tmp_path / "empty" / ".gitkeep").write_text("")
     for target in (tmp_path / "empty", tmp_path / "empty"):  # an empty folder, then an earlier model: replaced

@@ -122,7 +122,7 @@ def check_replaceable(directory: str | Path, markers: Sequence[str], what: str) 
     if not directory.is_dir():
         msg = f"{directory} is a file, not a folder; expected a path for the {what} (a new or earlier {what} folder)"
         raise ModelError(msg)
-    held = sorted(f.name for f in directory.iterdir() if not f.name.startswith("."))  # .gitkeep is no loss
+    held = sorted(f.name for f in directory.iterdir() if f.name not in (".gitkeep", ".DS_Store"))  # no loss
     if held and not any((directory / m).is_file() for m in markers):
         msg = (f"{directory} holds other files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) and no "
                f"{what}; refusing to replace it: choose a new path or an earlier {what} folder")
@@ -366,7 +366,7 @@ class CellscanModel:
     def save(self, directory: str | Path) -> Path:
         """Write the model directory atomically (temporary sibling, then rename); it may replace an earlier
         model directory, never a file or a folder of anything else (:func:`check_replaceable`)."""
-        directory = check_replaceable(directory, (MODEL_FILE, META_FILE), "model directory")
+        directory = check_replaceable(directory, (MODEL_FILE,), "model directory")  # an export has meta.json too
         try:
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.core.bundle import META_FILE, MODEL_FILE, CellscanModel, check_replaceable
+from cellscan.core.bundle import MODEL_FILE, CellscanModel, check_replaceable
 from cellscan.core.augment import augment, random_crop, simulate_anomaly
 from cellscan.core.config import Params
 from cellscan.core.data import Dataset, load_dataset
@@ -240,7 +240,7 @@ def train(
         verbose: Keras verbosity.
     """
     if out_dir is not None:  # before minutes of training, not after
-        check_replaceable(out_dir, (MODEL_FILE, META_FILE), "model directory")
+        check_replaceable(out_dir, (MODEL_FILE,), "model directory")
     dataset = data if isinstance(data, Dataset) else load_dataset(data or params.data.root)
     t0 = time.perf_counter()
     model, history = fit_model(params, dataset, callbacks=callbacks, init_from=init_from, verbose=verbose)

@@ -92,13 +92,14 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
         for j, label in enumerate(part):
             rec = res.record(j)
             rows.append({"image": label, "status": "ok", **rec, "model_version": version})
-            name = Path(label).name
-            items.append(Item(xs[j], blobs[j], rec, emb[j], "batch", name, version, each, batch_id))
+            if plog is not None:
+                items.append(Item(xs[j], blobs[j], rec, emb[j], "batch", Path(label).name, version, each, batch_id))
             if rec["is_anomaly"] and len(flagged) < max_heatmaps:
                 flagged.append((label, overlay_png(natives[j], res.maps[j], rec["threshold"]), rec))
+        if plog is not None:  # a chunk at a time: a stack of thousands of slices is not held to the end
+            plog.write(items)
+            items = []
     seconds = time.perf_counter() - t0
-    if plog is not None:
-        plog.write(items)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
