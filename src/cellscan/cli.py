@@ -343,31 +343,52 @@ def predict(
     heatmaps: Annotated[Path | None, typer.Option(help="Write heatmap overlays (PNG) to this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score images: is_anomaly, anomaly_score (what the threshold applies to), reconstruction_error."""
-    from cellscan.core.images import load_image
+    """Score images: is_anomaly, anomaly_score (what the threshold applies to), reconstruction_error.
+
+    An image that cannot be read gets its error (and exit code 1); the others are scored all the same."""
+    import numpy as np
 
     _output_dir(heatmaps, "heatmaps")
     model = _load_model(model_dir)
-    res = model.score_images(images)
-    rows = [{"image": str(path)} | res.record(i) for i, path in enumerate(images)]
-    if heatmaps:
-        from cellscan.core.plots import overlay_png
+    rows: list[dict[str, Any]] = []
+    loaded: list[tuple[int, Path, Any, Any]] = []  # (row, path, working-size input, the image at its own size)
+    for path in images:
+        try:
+            x, native = model.load_pair(path)
+        except CellscanError as exc:
+            rows.append({"image": str(path), "status": "error", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        loaded.append((len(rows), path, x, native))
+        rows.append({"image": str(path), "status": "ok"})
+    if loaded:
+        res = model.score_arrays(np.stack([x for _, _, x, _ in loaded]))
+        stems = [path.stem for _, path, _, _ in loaded]
+        for j, (i, _, _, native) in enumerate(loaded):
+            rows[i] |= res.record(j)
+            if heatmaps:  # at the image's own size; a stem met twice gets its place among the scored
+                from cellscan.core.plots import overlay_png
 
-        stems = [path.stem for path in images]
-        for i, path in enumerate(images):  # at the image's own size; a stem met twice gets its place in the list
-            native = load_image(path, channels=model.channels)
-            stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}"
-            (heatmaps / f"{stem}_heatmap.png").write_bytes(overlay_png(native, res.maps[i], model.threshold))
+                stem = stems[j] if stems.count(stems[j]) == 1 else f"{stems[j]}_{j + 1}"
+                (heatmaps / f"{stem}_heatmap.png").write_bytes(overlay_png(native, res.maps[j], model.threshold))
+    failed = [r for r in rows if r["status"] == "error"]
     if as_json:
         _dump(rows)
-        return
-    t = Table(title=f"predictions ({model_dir}, threshold {model.threshold:.4g} on anomaly_score)")
-    for col in ("image", "anomaly_score", "reconstruction_error", "is_anomaly"):
-        t.add_column(col, justify="right" if col != "image" else "left")
-    for r in rows:
-        flag = "[red]ANOMALY[/red]" if r["is_anomaly"] else "[green]normal[/green]"
-        t.add_row(r["image"], f"{r['anomaly_score']:.4g}", f"{r['reconstruction_error']:.4g}", flag)
-    out.print(t)
+    else:
+        t = Table(title=f"predictions ({model_dir}, threshold {model.threshold:.4g} on anomaly_score)")
+        for col in ("image", "anomaly_score", "reconstruction_error", "is_anomaly"):
+            t.add_column(col, justify="right" if col != "image" else "left")
+        for r in rows:
+            if r["status"] == "error":
+                t.add_row(r["image"], "-", "-", "[red]not scored[/red]")
+                continue
+            flag = "[red]ANOMALY[/red]" if r["is_anomaly"] else "[green]normal[/green]"
+            t.add_row(r["image"], f"{r['anomaly_score']:.4g}", f"{r['reconstruction_error']:.4g}", flag)
+        out.print(t)
+    for r in failed:
+        console.print(f"[red]{r['error'].split(':', 1)[0]}[/red]:{r['error'].split(':', 1)[1]}", highlight=False,
+                      soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 models_app = typer.Typer(help="The MLflow model registry: versions, champion, rollback.", no_args_is_help=True)
@@ -434,8 +455,13 @@ def models_rollback(
     """Move the champion alias back to VERSION, or to the previous champion."""
     from cellscan.mlops import registry
 
-    v = registry.rollback(_settings(), version)
+    settings = _settings()
+    before = registry.champion_version(settings)
+    v = registry.rollback(settings, version)
     out.print(f"champion is now version {v}")
+    if before is not None and v > before:  # allowed (back to a newer version after a rollback), but said
+        console.print(f"[yellow]note[/yellow]: version {v} is newer than the champion it replaced ({before}): "
+                      f"this rolled forward; `cellscan models show {v}` has its gate decision", highlight=False)
 
 
 @models_app.command("show")

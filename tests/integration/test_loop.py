@@ -31,6 +31,8 @@ def _scores(settings, project, ref="champion"):
 
 def _cli(settings, *args):
     env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "CELLSCAN_HOME": str(settings.home)}
+    # What the models commands set for themselves (quick retries) is undone after each call.
+    env |= dict.fromkeys(f"MLFLOW_HTTP_REQUEST_{k}" for k in ("MAX_RETRIES", "BACKOFF_FACTOR", "TIMEOUT"))
     return CliRunner().invoke(app, list(args), env=env)
 
 
@@ -129,6 +131,10 @@ def test_rollback_after_an_alias_move_made_outside_cellscan(project, settings):
     # Version 2 was rolled back from: promoting again is explicit, and then rollback returns to 1.
     registry.promote(settings, 2, "test")
     assert registry.rollback(settings) == 1
+    # Rolling "back" to a newer version is allowed (after a rollback) but said; then back to 1.
+    res = _cli(settings, "models", "rollback", "models:/cellscan/2")
+    assert res.exit_code == 0 and "champion is now version 2" in res.stdout and "rolled forward" in res.output
+    assert registry.rollback(settings, 1) == 1
 
 
 def test_training_that_fails_midway_leaves_the_champion(project, settings, monkeypatch):

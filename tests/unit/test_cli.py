@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -125,3 +126,14 @@ def test_a_tracking_server_that_does_not_answer_is_one_line(monkeypatch):
     assert res.exit_code == 1 and "TrackingError: MLflow (http://127.0.0.1:1) failed" in res.output
     assert "Traceback" not in res.output
     assert [os.environ.get(k) for k in keys] == ["2", "1", "30"]  # a few quick tries, not MLflow's minutes
+
+
+def test_predict_scores_the_readable_images_and_names_the_others(tmp_path, model_dir, dataset_dir, trained):
+    img = next((dataset_dir / "test" / "good").glob("*.png"))
+    (tmp_path / "bad.png").write_text("not a png")
+    res = runner.invoke(app, ["predict", str(tmp_path / "bad.png"), str(img), "-m", str(model_dir), "--json"])
+    assert res.exit_code == 1
+    bad, good = json.loads(res.stdout[: res.stdout.rindex("]") + 1])
+    assert bad["status"] == "error" and "bad.png: not an image" in bad["error"]
+    assert good["status"] == "ok" and good["image"] == str(img)
+    assert good["anomaly_score"] == pytest.approx(float(trained.model.score_images([img]).scores[0]), rel=1e-4)
