@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from cellscan.core.data import folder_images
 from cellscan.errors import CellscanError
 from cellscan.mlops import batchscore
 from flows.common import context
@@ -76,8 +77,9 @@ if __name__ == "__main__":
     try:
         if not a.dvc_target:  # a wrong folder is said at once, before a flow run starts
             target = Path(a.folder) if Path(a.folder).is_absolute() else Path(a.project).resolve() / a.folder
-            batchscore.folder_images(target, must_hold_images=True)
+            folder_images(target, must_hold_images=True)
         res = score_folder_flow(a.folder, a.out, a.project, model=a.model, dvc_target=a.dvc_target)
     except CellscanError as exc:
-        raise SystemExit(f"{type(exc).__name__}: {exc}") from None
+        msg = f"{type(exc).__name__}: {exc}"
+        raise SystemExit(msg) from None
     raise SystemExit(1 if res["failed"] else 0)  # as `cellscan client predict`: rows with errors are a failure

@@ -29,7 +29,7 @@ import numpy as np
 
 from cellscan import __version__
 from cellscan.core.config import ScoreParams
-from cellscan.errors import ImageError, ModelError
+from cellscan.errors import CellscanError, ImageError, ModelError
 from cellscan.core.images import decode_image, load_image, resize
 from cellscan.core.augment import simulate_ct_defect, simulate_warp
 from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate,
@@ -103,6 +103,19 @@ def _read_arrays(path: Path, kind: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 (numpy and zipfile raise many types for a damaged file)
         msg = f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); retrain or restore the model"
         raise ModelError(msg) from None
+
+
+def staging_dir(target: Path, what: str, error: type[CellscanError] = ModelError) -> Path:
+    """A new empty sibling of ``target`` (0755: mkdtemp's 0700 would hide it from the service's user) to write
+    ``what`` into before it is renamed into place; ``error`` names a folder that cannot be made."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        tmp.chmod(0o755)
+    except OSError as exc:
+        msg = f"cannot write the {what} {target}: {exc.strerror or exc}"
+        raise error(msg) from None
+    return tmp
 
 
 MIN_IMAGE_SIDE = 8  # the smallest image side scored (or the model's working side where that is smaller)
@@ -367,14 +380,8 @@ class CellscanModel:
         """Write the model directory atomically (temporary sibling, then rename); it may replace an earlier
         model directory, never a file or a folder of anything else (:func:`check_replaceable`)."""
         directory = check_replaceable(directory, (MODEL_FILE,), "model directory")  # an export has meta.json too
+        tmp = staging_dir(directory, "model directory")
         try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        except OSError as exc:
-            msg = f"cannot write the model directory {directory}: {exc.strerror or exc}"
-            raise ModelError(msg) from None
-        try:
-            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from the service's user
             self.keras_model.save(tmp / MODEL_FILE)
             meta = self.meta | {"cellscan_version": __version__}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))

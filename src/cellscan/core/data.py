@@ -61,6 +61,22 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def folder_images(folder: Path, *, must_hold_images: bool = False) -> list[Path]:
+    """The images under ``folder`` (recursively), sorted.
+
+    Raises:
+        DatasetError: ``folder`` is missing or a file, or (``must_hold_images``) holds no image.
+    """
+    if not folder.is_dir():
+        msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
+        raise DatasetError(msg)
+    paths = sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
+    if must_hold_images and not paths:
+        msg = f"no images under {folder}; expected {', '.join(IMAGE_SUFFIXES)} files"
+        raise DatasetError(msg)
+    return paths
+
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled evaluation image."""

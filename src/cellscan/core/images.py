@@ -18,6 +18,7 @@ import io
 import struct
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ SINGLE_SCAN = 64  # page headers read to tell one image (perhaps with previews) 
 
 
 def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Image.Image:
-    """Open and check one image; ``stack`` lets a file of several pages through (first page loaded)."""
+    """Open and check one image, its pixels loaded; ``stack`` lets a file of several pages through with its
+    header checked only (the caller loads each page it reads)."""
     if len(data) == 0:
         msg = f"{name}: empty file (0 bytes); expected a PNG, JPEG or TIFF image"
         raise ImageError(msg)
@@ -75,6 +77,8 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
     if img.mode not in SUPPORTED_MODES:
         msg = f"{name}: unsupported image mode {img.mode}; expected one of {', '.join(SUPPORTED_MODES)}"
         raise ImageError(msg)
+    if stack:
+        return img
     try:
         img.load()
     except _DECODE_ERRORS as exc:
@@ -85,9 +89,9 @@ def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Im
 
 def _pages(img: Image.Image, limit: int) -> tuple[list[int], bool]:
     """The indices of the file's images among its first ``limit`` pages, and whether pages were left
-    unread. A TIFF's reduced-resolution pages (previews, thumbnails:
-    NewSubfileType bit 0) are not images where it has a full-resolution one. A page chain that breaks after
-    the first page ends the file there: Pillow reads such a file's first image, and so does cellscan."""
+    unread. A TIFF's reduced-resolution pages (previews, thumbnails: NewSubfileType bit 0) are not images
+    where it has a full-resolution one. A page chain that breaks after the first page ends the file there:
+    Pillow reads such a file's first image, and so does cellscan."""
     if img.format == "PNG":  # an animated PNG gives its frame count in one chunk
         n = int(getattr(img, "n_frames", 1) or 1)
         return list(range(min(n, limit))), n > limit
@@ -273,21 +277,28 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+@contextmanager
+def _named_errors(path: Path, not_image: str, corrupt: str) -> Iterator[None]:
+    """Pillow's errors reading ``path`` as ImageErrors naming it: ``not_image``, or ``corrupt (reason)``."""
+    try:
+        yield
+    except UnidentifiedImageError:
+        msg = f"{path}: {not_image}"
+        raise ImageError(msg) from None
+    except _DECODE_ERRORS as exc:
+        msg = f"{path}: {corrupt} ({str(exc)[:120]})"
+        raise ImageError(msg) from None
+
+
 def image_shape(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, read from its header only.
 
     Raises:
         ImageError: the file is not an image (or its header is broken), naming it.
     """
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except UnidentifiedImageError:
-        msg = f"{path}: not an image; expected one of {', '.join(SUPPORTED_FORMATS)}"
-        raise ImageError(msg) from None
-    except _DECODE_ERRORS as exc:
-        msg = f"{path}: corrupt image header ({str(exc)[:120]})"
-        raise ImageError(msg) from None
+    not_image = f"not an image; expected one of {', '.join(SUPPORTED_FORMATS)}"
+    with _named_errors(path, not_image, "corrupt image header"), Image.open(path) as img:
+        return img.size[1], img.size[0]
 
 
 def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
@@ -295,15 +306,9 @@ def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
     h, w = _hw(size)
     if path is None or not path.is_file():
         return np.zeros((h, w), dtype=bool)
-    try:
-        with Image.open(path) as img:
-            small = img.convert("L").resize((w, h), Image.NEAREST)
-    except UnidentifiedImageError:
-        msg = f"{path}: the ground-truth mask is not an image; expected a PNG of 0 and 255"
-        raise ImageError(msg) from None
-    except _DECODE_ERRORS as exc:
-        msg = f"{path}: truncated or corrupt ground-truth mask ({str(exc)[:120]})"
-        raise ImageError(msg) from None
+    with _named_errors(path, "the ground-truth mask is not an image; expected a PNG of 0 and 255",
+                       "truncated or corrupt ground-truth mask"), Image.open(path) as img:
+        small = img.convert("L").resize((w, h), Image.NEAREST)
     return np.asarray(small) > 127
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from cellscan.core.data import list_images
-from cellscan.core.images import IMAGE_SUFFIXES, iter_file_pages
-from cellscan.errors import CellscanError, DatasetError
+from cellscan.core.data import folder_images
+from cellscan.core.images import iter_file_pages
+from cellscan.errors import CellscanError
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
 from cellscan.mlops.monitor.descriptors import embed
@@ -38,22 +38,6 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
           "error"]
-
-
-def folder_images(folder: Path, *, must_hold_images: bool = False) -> list[Path]:
-    """The images under ``folder`` (recursively), sorted.
-
-    Raises:
-        DatasetError: ``folder`` is missing or a file, or (``must_hold_images``) holds no image.
-    """
-    if not folder.is_dir():
-        msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
-        raise DatasetError(msg)
-    paths = sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
-    if must_hold_images and not paths:
-        msg = f"no images under {folder}; expected {', '.join(IMAGE_SUFFIXES)} files"
-        raise DatasetError(msg)
-    return paths
 
 
 def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str = "champion",

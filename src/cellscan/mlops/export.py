@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellscan import __version__
-from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult, check_replaceable
+from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult, check_replaceable, staging_dir
 from cellscan.core.scoring import maps_key
 from cellscan.edge import EXPORT_INFO, MODEL_FILES, PARITY_FILE, load_export, read_info
 from cellscan.errors import ConfigError, DatasetError, ModelError, ParityError
@@ -221,14 +221,8 @@ def export_model(
     t0 = time.perf_counter()
     out_dir = check_replaceable(out_dir, (EXPORT_INFO, PARITY_FILE), "export")  # never the bundle itself
     x, labels, names, train = _evaluation_images(model, Path(data_root))
+    work = staging_dir(out_dir, "export", ConfigError)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    except OSError as exc:
-        msg = f"cannot write the export {out_dir}: {exc.strerror or exc}"
-        raise ConfigError(msg) from None
-    try:
-        work.chmod(0o755)
         # Every file the bundle writes except the Keras graph: whatever its scoring reads comes along.
         model.save(work / "bundle")
         for f in (work / "bundle").iterdir():

@@ -19,9 +19,7 @@ from typing import Any
 
 import httpx
 
-from cellscan.core.data import list_images
-from cellscan.core.images import IMAGE_SUFFIXES
-from cellscan.errors import DatasetError
+from cellscan.core.data import folder_images
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_error", "threshold", "model_version",
@@ -75,10 +73,7 @@ def predict_folder(
     api_key: str | None = None,
 ) -> BatchSummary:
     """Score every image in ``folder`` (recursively) through the service; write CSV and events."""
-    paths = sorted({p for d in [folder, *[x for x in folder.rglob("*") if x.is_dir()]] for p in list_images(d)})
-    if not paths:
-        msg = f"no images under {folder}; expected {', '.join(IMAGE_SUFFIXES)} files"
-        raise DatasetError(msg)
+    paths = folder_images(folder, must_hold_images=True)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     events.parent.mkdir(parents=True, exist_ok=True)
     headers = {"x-api-key": api_key} if api_key else {}
