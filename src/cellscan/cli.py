@@ -134,9 +134,13 @@ def _dump(obj: Any) -> None:
 def _load_model(ref: str) -> Any:
     """A bundle directory, ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a version or an alias."""
     from cellscan.mlops import registry
+    from cellscan.mlops.tracking import require_store
     from cellscan.settings import Settings
 
-    model, _ = registry.load_model(ref, Settings.from_env())
+    settings = Settings.from_env()
+    if not isinstance(registry.parse_ref(ref)[1], Path):
+        require_store(settings)
+    model, _ = registry.load_model(ref, settings)
     return model
 
 
@@ -402,6 +406,13 @@ def _models(ctx: typer.Context) -> None:
 
     if ctx.invoked_subcommand in ("register", "reproduce"):
         return
+    from cellscan.mlops.tracking import require_store
+
+    try:
+        require_store(_settings())  # these only read or move aliases: a missing store is a mistyped URI
+    except CellscanError as exc:
+        console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -137,3 +137,12 @@ def test_predict_scores_the_readable_images_and_names_the_others(tmp_path, model
     assert bad["status"] == "error" and "bad.png: not an image" in bad["error"]
     assert good["status"] == "ok" and good["image"] == str(img)
     assert good["anomaly_score"] == pytest.approx(float(trained.model.score_images([img]).scores[0]), rel=1e-4)
+
+
+def test_a_mistyped_sqlite_store_is_said_not_made(tmp_path, monkeypatch):
+    store = tmp_path / "mlflw" / "mlflow.db"  # a typo: no such store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    for cmd in (["models", "list"], ["models", "rollback"], ["predict", str(tmp_path / "a.png"), "-m", "champion"]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 1 and f"RegistryError: no MLflow store at {store}" in res.output, (cmd, res.output)
+    assert not store.parent.exists()  # nothing was created where the typo pointed

@@ -50,6 +50,23 @@ def client(settings: Settings) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def require_store(settings: Settings) -> None:
+    """For commands that only read the registry: a sqlite store file that does not exist is a mistyped
+    ``MLFLOW_TRACKING_URI`` (or nothing trained yet), said as such, not an empty store made and then
+    reported as having no champion.
+
+    Raises:
+        RegistryError: the sqlite file is missing.
+    """
+    from cellscan.errors import RegistryError
+
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        msg = (f"no MLflow store at {uri.removeprefix('sqlite:///')} (MLFLOW_TRACKING_URI={uri}): train a model "
+               "first (python -m flows.training) or point MLFLOW_TRACKING_URI at the store training wrote")
+        raise RegistryError(msg)
+
+
 def _experiment_id(mc: MlflowClient, settings: Settings, name: str) -> str:
     """Experiment ``name``; with the sqlite store its artifacts go beside the database (mlflow/artifacts)."""
     exp = mc.get_experiment_by_name(name)
