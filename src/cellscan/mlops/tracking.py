@@ -62,8 +62,9 @@ def require_store(settings: Settings) -> None:
 
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        msg = (f"no MLflow store at {uri.removeprefix('sqlite:///')} (MLFLOW_TRACKING_URI={uri}): train a model "
-               "first (python -m flows.training) or point MLFLOW_TRACKING_URI at the store training wrote")
+        path = uri.removeprefix("sqlite:///")
+        msg = (f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): train a model first "
+               "(python -m flows.training) or point MLFLOW_TRACKING_URI at the store training wrote")
         raise RegistryError(msg)
 
 
