@@ -134,14 +134,21 @@ def _dump(obj: Any) -> None:
 def _load_model(ref: str) -> Any:
     """A bundle directory, ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a version or an alias."""
     from cellscan.mlops import registry
-    from cellscan.mlops.tracking import require_store
     from cellscan.settings import Settings
 
     settings = Settings.from_env()
-    if not isinstance(registry.parse_ref(ref)[1], Path):
-        require_store(settings)
+    _registry_ref_needs_store(ref, settings)
     model, _ = registry.load_model(ref, settings)
     return model
+
+
+def _registry_ref_needs_store(ref: str, settings: Any = None) -> None:
+    """A registry reference (not a bundle directory) with no sqlite store where it points: a named error."""
+    from cellscan.mlops import registry
+    from cellscan.mlops.tracking import require_store
+
+    if not isinstance(registry.parse_ref(ref)[1], Path):
+        require_store(settings or _settings())
 
 
 @app.command()
@@ -569,6 +576,7 @@ def export(
     """Export the networks to ONNX or TFLite beside the bundle's scoring files, after a parity check with Keras."""
     from cellscan.mlops.export import export_version
 
+    _registry_ref_needs_store(ref)
     with console.status(f"exporting {ref} to {fmt}{'-' + quantize if quantize else ''} and checking parity"):
         r = export_version(_settings(), ref, fmt, quantize, out_dir=out_dir, data_root=data,
                            max_auroc_loss=max_auroc_loss, log=log)

@@ -142,7 +142,9 @@ def test_predict_scores_the_readable_images_and_names_the_others(tmp_path, model
 def test_a_mistyped_sqlite_store_is_said_not_made(tmp_path, monkeypatch):
     store = tmp_path / "mlflw" / "mlflow.db"  # a typo: no such store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
-    for cmd in (["models", "list"], ["models", "rollback"], ["predict", str(tmp_path / "a.png"), "-m", "champion"]):
+    predict = ["predict", str(tmp_path / "a.png"), "-m", "champion"]
+    for cmd in (["models", "list"], ["models", "rollback"], predict, ["export", "models:/cellscan@champion"]):
         res = runner.invoke(app, cmd)
-        assert res.exit_code == 1 and f"RegistryError: no MLflow store at {store}" in res.output, (cmd, res.output)
+        assert res.exit_code == 1, (cmd, res.output)
+        assert f"RegistryError: no MLflow store at {store}" in res.output, (cmd, res.output)
     assert not store.parent.exists()  # nothing was created where the typo pointed
