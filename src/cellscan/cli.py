@@ -148,7 +148,7 @@ def _registry_ref_needs_store(ref: str, settings: Any = None) -> None:
     from cellscan.mlops.tracking import require_store
 
     if not isinstance(registry.parse_ref(ref)[1], Path):
-        require_store(settings or _settings())
+        require_store(settings or _settings())  # in the command, after its --help
 
 
 @app.command()
@@ -413,13 +413,6 @@ def _models(ctx: typer.Context) -> None:
 
     if ctx.invoked_subcommand in ("register", "reproduce"):
         return
-    from cellscan.mlops.tracking import require_store
-
-    try:
-        require_store(_settings())  # these only read or move aliases: a missing store is a mistyped URI
-    except CellscanError as exc:
-        console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -433,13 +426,23 @@ def _settings() -> Any:
     return Settings.from_env()
 
 
+def _store_settings() -> Any:
+    """The settings of a command that only reads the registry or moves its aliases: a sqlite store that does
+    not exist is a mistyped URI, said here (in the command, so that its --help still answers)."""
+    from cellscan.mlops.tracking import require_store
+
+    settings = _settings()
+    require_store(settings)
+    return settings
+
+
 @models_app.command("list")
 @_boundary
 def models_list(as_json: JsonOpt = False) -> None:
     """Registered versions with their aliases, metrics and data version."""
     from cellscan.mlops import registry
 
-    rows = registry.list_versions(_settings())
+    rows = registry.list_versions(_store_settings())
     if as_json:
         _dump(rows)
         return
@@ -460,7 +463,7 @@ def models_promote(
     """Make VERSION the champion (the previous one is remembered for rollback)."""
     from cellscan.mlops import registry
 
-    settings = _settings()
+    settings = _store_settings()
     prev = registry.promote(settings, version, "manual promotion")
     out.print(f"champion: version {prev} -> {registry.champion_version(settings)}")
 
@@ -473,7 +476,7 @@ def models_rollback(
     """Move the champion alias back to VERSION, or to the previous champion."""
     from cellscan.mlops import registry
 
-    settings = _settings()
+    settings = _store_settings()
     before = registry.champion_version(settings)
     v = registry.rollback(settings, version)
     out.print(f"champion is now version {v}")
@@ -491,7 +494,7 @@ def models_show(
     """Lineage of VERSION: run, data hash, git commit, params, metrics, gate reason and the champion it was compared with."""
     from cellscan.mlops import registry
 
-    info = registry.lineage(_settings(), version)
+    info = registry.lineage(_store_settings(), version)
     if as_json:
         _dump(info)
         return

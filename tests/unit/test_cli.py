@@ -147,4 +147,7 @@ def test_a_mistyped_sqlite_store_is_said_not_made(tmp_path, monkeypatch):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 1, (cmd, res.output)
         assert f"RegistryError: no MLflow store at {store}" in res.output, (cmd, res.output)
+    res = runner.invoke(app, ["models", "list", "--help"])  # help needs no store
+    assert res.exit_code == 0, res.output
+    assert "Registered versions" in res.output
     assert not store.parent.exists()  # nothing was created where the typo pointed
