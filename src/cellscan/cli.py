@@ -134,21 +134,9 @@ def _dump(obj: Any) -> None:
 def _load_model(ref: str) -> Any:
     """A bundle directory, ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a version or an alias."""
     from cellscan.mlops import registry
-    from cellscan.settings import Settings
 
-    settings = Settings.from_env()
-    _registry_ref_needs_store(ref, settings)
-    model, _ = registry.load_model(ref, settings)
+    model, _ = registry.load_model(ref, _store_settings(ref))
     return model
-
-
-def _registry_ref_needs_store(ref: str, settings: Any = None) -> None:
-    """A registry reference (not a bundle directory) with no sqlite store where it points: a named error."""
-    from cellscan.mlops import registry
-    from cellscan.mlops.tracking import require_store
-
-    if not isinstance(registry.parse_ref(ref)[1], Path):
-        require_store(settings or _settings())  # in the command, after its --help
 
 
 @app.command()
@@ -426,13 +414,16 @@ def _settings() -> Any:
     return Settings.from_env()
 
 
-def _store_settings() -> Any:
-    """The settings of a command that only reads the registry or moves its aliases: a sqlite store that does
-    not exist is a mistyped URI, said here (in the command, so that its --help still answers)."""
+def _store_settings(ref: str | None = None) -> Any:
+    """The settings of a command that only reads the registry or moves its aliases (or reads ``ref`` where
+    that is a registry reference, not a bundle directory): a sqlite store that does not exist is a mistyped
+    URI, said here (in the command, so that its --help still answers)."""
+    from cellscan.mlops import registry
     from cellscan.mlops.tracking import require_store
 
     settings = _settings()
-    require_store(settings)
+    if ref is None or not isinstance(registry.parse_ref(ref)[1], Path):
+        require_store(settings)
     return settings
 
 
@@ -579,9 +570,9 @@ def export(
     """Export the networks to ONNX or TFLite beside the bundle's scoring files, after a parity check with Keras."""
     from cellscan.mlops.export import export_version
 
-    _registry_ref_needs_store(ref)
+    settings = _store_settings(ref)
     with console.status(f"exporting {ref} to {fmt}{'-' + quantize if quantize else ''} and checking parity"):
-        r = export_version(_settings(), ref, fmt, quantize, out_dir=out_dir, data_root=data,
+        r = export_version(settings, ref, fmt, quantize, out_dir=out_dir, data_root=data,
                            max_auroc_loss=max_auroc_loss, log=log)
     if as_json:
         _dump(r)

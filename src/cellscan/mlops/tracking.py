@@ -61,8 +61,8 @@ def require_store(settings: Settings) -> None:
     from cellscan.errors import RegistryError
 
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        path = uri.removeprefix("sqlite:///")
+    path = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(path).is_file():
         msg = (f"no MLflow store at {path} (MLFLOW_TRACKING_URI={uri}): train a model first "
                "(python -m flows.training) or point MLFLOW_TRACKING_URI at the store training wrote")
         raise RegistryError(msg)
