@@ -140,6 +140,36 @@ def test_iter_pages_yields_each_slice_losslessly_and_a_single_image_as_it_is():
     assert list(iter_pages(one, name="a.png")) == [("a.png", one)]
 
 
+def test_a_stack_on_disk_is_read_a_page_at_a_time(tmp_path):
+    """Batch scoring of a CT volume of gigabytes must not hold the file in memory: the pages come from the
+    file as they are read (the bytes Python holds stay far below the file's size), the same as from its bytes."""
+    import tracemalloc
+
+    from cellscan.core.images import iter_file_pages
+
+    slices = [np.full((256, 256), 1000 * k, np.uint16) for k in range(1, 49)]
+    path = tmp_path / "vol.tif"
+    path.write_bytes(_stack(slices))
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        seen = 0
+        for k, (label, page) in enumerate(iter_file_pages([path])):
+            assert label == f"{path}#page={k + 1}"
+            assert float(decode_image(page).max()) == pytest.approx(1000 * (k + 1) / 65535)
+            seen += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == 48
+    assert peak < size / 4, (peak, size)
+    from_bytes = iter_pages(path.read_bytes(), name="v")
+    assert [label for label, _ in iter_pages(path, name="v")] == [label for label, _ in from_bytes]
+    one = tmp_path / "one.png"
+    one.write_bytes(encode_png(np.zeros((4, 4), np.float32)))
+    assert list(iter_pages(one, name="one")) == [("one", one.read_bytes())]
+
+
 def test_iter_pages_refuses_too_many_pages_and_reports_an_oversized_page():
     data = _stack([np.zeros((4, 4), np.uint8), np.zeros((40, 40), np.uint8), np.zeros((4, 4), np.uint8)])
     with pytest.raises(ImageError, match="a stack of more than 2 pages; expected at most 2"):

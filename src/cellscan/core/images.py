@@ -15,11 +15,13 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -36,16 +38,19 @@ MAX_PAGES = 4096  # pages of one stack (multi-page TIFF) that batch scoring read
 SINGLE_SCAN = 64  # page headers read to tell one image (perhaps with previews) from a stack
 
 
-def _open(data: bytes, name: str, max_pixels: int, *, stack: bool = False) -> Image.Image:
-    """Open and check one image, its pixels loaded; ``stack`` lets a file of several pages through with its
-    header checked only (the caller loads each page it reads)."""
-    if len(data) == 0:
+def _open(data: bytes | BinaryIO, name: str, max_pixels: int, *,
+          stack: bool = False) -> Image.Image:
+    """Open and check one image (its bytes, or an open file read as needed), its pixels loaded; ``stack``
+    lets a file of several pages through with its header checked only (the caller loads each page it
+    reads)."""
+    size = len(data) if isinstance(data, bytes) else os.fstat(data.fileno()).st_size
+    if size == 0:
         msg = f"{name}: empty file (0 bytes); expected a PNG, JPEG or TIFF image"
         raise ImageError(msg)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         msg = f"{name}: image too large; expected at most {max_pixels} pixels"
         raise ImageError(msg) from None
@@ -117,18 +122,20 @@ def _pages(img: Image.Image, limit: int) -> tuple[list[int], bool]:
     return full or list(range(k + 1)), cut
 
 
-def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
+def iter_pages(source: bytes | Path, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
                max_pages: int = MAX_PAGES) -> Iterator[tuple[str, bytes | ImageError]]:
     """Each page of a multi-page TIFF or PNG (a CT stack) as ``(label, single-page bytes or its error)``.
 
-    A file of one image yields ``(name, data)`` as it is (a TIFF's reduced-resolution previews are not
-    images); a stack yields ``name#page=K`` (K from 1, the page's place in the file) with the
-    page re-encoded losslessly in its own format and mode (16-bit stays 16-bit; a TIFF page uncompressed),
-    one at a time: the file is read whole, its pages are decoded one by one. A page that cannot be read
-    yields its error and the next pages still come.
+    ``source`` is the file's bytes or its path. A file of one image yields ``(name, its bytes)`` as they
+    are (a TIFF's reduced-resolution previews are not images); a stack yields ``name#page=K`` (K from 1,
+    the page's place in the file) with the page re-encoded losslessly in its own format and mode (16-bit
+    stays 16-bit; a TIFF page uncompressed), one at a time. A stack given by its path is not read whole:
+    each page is read from the file as it comes, so a scan of several gigabytes costs one page of memory.
+    A page that cannot be read yields its error and the next pages still come.
 
     Raises:
         ImageError: the file itself is not a readable image, or holds more than ``max_pages`` pages.
+        OSError: the path cannot be read.
 
     Example:
         >>> import io, numpy as np
@@ -140,10 +147,21 @@ def iter_pages(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MA
         >>> [(label, float(decode_image(page).max())) for label, page in pages]
         [('ct.tif#page=1', 0.015259...), ('ct.tif#page=2', 0.030518...)]
     """
+    if isinstance(source, bytes):
+        yield from _split_pages(source, lambda: source, name, max_pixels, max_pages)
+        return
+    with source.open("rb") as fh:
+        yield from _split_pages(fh, source.read_bytes, name, max_pixels, max_pages)
+
+
+def _split_pages(data: bytes | BinaryIO, whole: Callable[[], bytes], name: str, max_pixels: int,
+                 max_pages: int) -> Iterator[tuple[str, bytes | ImageError]]:
+    """:func:`iter_pages` on the file's bytes or its open file (``whole``: the file's bytes, asked for only
+    where it holds one image)."""
     img = _open(data, name, max_pixels, stack=True)
     pages, cut = _pages(img, max_pages + 1)
     if len(pages) == 1 and not cut:
-        yield name, data
+        yield name, whole()
         return
     if cut or len(pages) > max_pages:
         msg = f"{name}: a stack of more than {max_pages} pages; expected at most {max_pages}"
@@ -173,7 +191,7 @@ def iter_file_pages(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     each page of a stack; a file that cannot be read or is not an image yields its error under its path."""
     for path in paths:
         try:
-            yield from iter_pages(path.read_bytes(), name=str(path), max_pixels=max_pixels)
+            yield from iter_pages(path, name=str(path), max_pixels=max_pixels)
         except (ImageError, OSError) as exc:
             yield str(path), exc
 
