@@ -173,6 +173,7 @@ CASES = [
     ("rollback-no-key", "POST", "/rollback", {"json": {}}, 401, "missing_api_key", "X-API-Key"),
     ("rollback-wrong-key", "POST", "/rollback", {"json": {}, "headers": {"x-api-key": "nope"}}, 403, "wrong_api_key", ""),
     ("rollback-key-prefix", "POST", "/rollback", {"json": {}, "headers": {"x-api-key": KEY[:-1]}}, 403, "wrong_api_key", ""),
+    ("retrain-get-no-key", "GET", "/retrain", {}, 405, "method_not_allowed", "accepts POST only"),
     ("retrain-no-key", "POST", "/retrain", {"files": {"image": ("a.png", _png(9), "image/png")}}, 401,
      "missing_api_key", ""),
     ("anomaly-wrong-key", "POST", "/anomaly", {"json": {"image_url": "http://x/y.png"}, "headers": {"x-api-key": ""}},

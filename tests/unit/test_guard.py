@@ -95,3 +95,47 @@ def test_client_mistakes_are_one_warning_line_server_faults_keep_their_traceback
     fault = _logged(RuntimeError("disk on fire"))
     assert fault.levelname == "ERROR"
     assert fault.exc_info is not None
+
+
+def test_a_protected_route_called_with_the_wrong_method_is_405_key_or_no_key():
+    """GET /retrain is a client's wrong method, not a missing key: 405 with Allow: POST; a keyless POST
+    is still 401 and never reaches the app."""
+    import asyncio
+    import json
+
+    from cellscan.serve.guard import Guard
+
+    reached: list[str] = []
+
+    async def app(scope, receive, send):  # what is behind the guard: answers 200 to anything it is given
+        reached.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def call(method: str, key: bytes | None) -> tuple[int, dict, dict]:
+        sent: list[dict] = []
+        headers = [(b"host", b"127.0.0.1:3000"), (b"content-type", b"application/json"),
+                   (b"content-length", b"0")]
+        headers += [(b"x-api-key", key)] if key is not None else []
+        scope = {"type": "http", "method": method, "path": "/retrain", "headers": headers,
+                 "server": ("127.0.0.1", 3000)}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(Guard(app, lambda: GuardPolicy(api_key="k" * 32))(scope, receive, send))
+        start = sent[0]
+        return start["status"], dict(start["headers"]), json.loads(sent[-1]["body"])
+
+    for key in (None, b"k" * 32):
+        status, headers, body = call("GET", key)
+        assert (status, headers[b"allow"], body["code"]) == (405, b"POST", "method_not_allowed")
+        assert "/retrain accepts POST only, not GET" in body["error"]
+    status, _, body = call("POST", None)
+    assert (status, body["code"]) == (401, "missing_api_key")
+    assert reached == []
+    assert call("POST", b"k" * 32)[0] == 200
+    assert reached == ["POST"]

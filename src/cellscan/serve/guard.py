@@ -9,7 +9,8 @@ In order, each refusal answered with the one error shape ``{"error": message, "c
 - a browser's cross-site POST (Origin of another host, or Sec-Fetch-Site other than same-origin /
   none) is refused unless it carries the right API key (403 ``cross_site``)
 - the mutating routes need the API key, compared in constant time (401 ``missing_api_key``, 403
-  ``wrong_api_key``); with no key configured they are refused unless the service runs in open mode
+  ``wrong_api_key``); with no key configured they are refused unless the service runs in open mode;
+  they take POST only, and another method is answered 405 ``method_not_allowed`` before the key is asked for
 
 Error answers of the app below (BentoML's ``[{"error"}]`` and ``{"error", "detail"}``, FastAPI's
 ``{"detail"}``) are rewritten into the same shape, and :class:`ClientErrorLogFilter` turns BentoML's
@@ -216,6 +217,9 @@ class Guard:
                     logger.warning("refused %s %s from origin %r", method, path, origin[:100])
                     return await self._answer(send, 403, msg, "cross_site")
         if path in policy.protected:
+            if method != "POST":  # nothing else reaches these routes: say so, whether or not a key came
+                return await self._answer(send, 405, f"{path} accepts POST only, not {method[:10]}",
+                                          "method_not_allowed", [(b"allow", b"POST")])
             if not policy.api_key and not policy.open_mode:
                 msg = "no API key is configured; set CELLSCAN_API_KEY(_FILE), or CELLSCAN_OPEN=1 to allow changes"
                 return await self._answer(send, 403, msg, "no_api_key_configured")
