@@ -142,7 +142,8 @@ def test_iter_pages_yields_each_slice_losslessly_and_a_single_image_as_it_is():
 
 def test_a_stack_on_disk_is_read_a_page_at_a_time(tmp_path):
     """Batch scoring of a CT volume of gigabytes must not hold the file in memory: the pages come from the
-    file as they are read (the bytes Python holds stay far below the file's size), the same as from its bytes."""
+    file as they are read (the bytes Python holds stay far below the file's size), the same as from its
+    bytes."""
     import tracemalloc
 
     from cellscan.core.images import iter_file_pages
