@@ -4,7 +4,6 @@ through the deployment's event trigger (flows/deploy.py). No worker: the run sta
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -54,6 +47,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.events import emit_event
 from flows.deploy import deploy
 from cellscan.mlops.monitor.check import DRIFT_EVENT
+from tests.integration.ports import free_port as _port
 
 ids = deploy(pool="cellscan-test", project=sys.argv[1])
 dep = ids["retrain/drift-retrain"]

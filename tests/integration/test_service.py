@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,10 @@ from PIL import Image
 
 from cellscan.core.images import encode_png
 from tests.integration.conftest import REPO, make_project
+from tests.integration.ports import free_port as _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "s3cret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Files(SimpleHTTPRequestHandler):

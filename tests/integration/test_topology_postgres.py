@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from PIL import Image
 
 from cellscan.core.images import encode_png
 from tests.integration.conftest import REPO, make_project
+from tests.integration.ports import free_port as _free_port
 from tests.integration.test_service import _stop, _wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,12 +52,6 @@ def _pg_bin(name: str) -> str | None:
         return found
     cands = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[-3]))
     return cands[-1] if cands else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _interpolate(text: str, values: dict[str, str]) -> str:
