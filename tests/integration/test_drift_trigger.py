@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.ports import free_port as _port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +49,6 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.events import emit_event
 from flows.deploy import deploy
 from cellscan.mlops.monitor.check import DRIFT_EVENT
-from tests.integration.ports import free_port as _port
 
 ids = deploy(pool="cellscan-test", project=sys.argv[1])
 dep = ids["retrain/drift-retrain"]
