@@ -91,8 +91,14 @@ def test_errors_do_not_echo_the_answer(server):
         ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]:1/a.png", "non-public"),  # Teredo
         ("gopher://example.com/", "not allowed"),  # scheme
         ("http://x/" + "a" * 5000, "limit is 4096"),  # length
+        ("http://8.8.8.8/a\x01.png", "InvalidURL"),  # a control character (httpx refuses it, not a 500)
     ],
 )
 def test_bad_urls_are_fetch_errors(url, needle):
     with pytest.raises(FetchError, match=needle):
         fetch(url)
+
+
+def test_a_file_url_with_a_nul_byte_is_a_fetch_error(tmp_path):
+    with pytest.raises(FetchError, match="not a valid path"):
+        fetch("file://" + str(tmp_path / "a\x00b.png"), FetchPolicy(file_dir=tmp_path))

@@ -116,7 +116,11 @@ def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
     if policy.file_dir is None:
         msg = "file:// URLs are disabled; expected an http(s) URL (enable with CELLSCAN_FILE_URL_DIR)"
         raise FetchError(msg)
-    path = Path(urlsplit(url).path).resolve()
+    try:
+        path = Path(urlsplit(url).path).resolve()
+    except ValueError as exc:  # a NUL byte in the path
+        msg = f"file URL is not a valid path ({exc})"
+        raise FetchError(msg) from None
     if not path.is_relative_to(policy.file_dir):
         msg = f"file URL {path} is outside the allowed directory {policy.file_dir}"
         raise FetchError(msg)
@@ -201,7 +205,7 @@ async def _get(url: str, policy: FetchPolicy, loop: asyncio.AbstractEventLoop) -
                     await resp.aclose()
         except FetchError:
             raise
-        except (httpx.HTTPError, ssl.SSLError, OSError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, OSError, ValueError) as exc:
             msg = f"image_url could not be fetched ({type(exc).__name__})"
             raise FetchError(msg) from None
     msg = f"image_url redirected more than {policy.max_redirects} times"
