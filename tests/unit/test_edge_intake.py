@@ -58,6 +58,7 @@ def test_rows_are_marked_edge_and_unscored_ones_skipped(tmp_path):
     (_body([_row(model_version=0)]), "model version"),
     (_body([_row(model_version=10**30)]), "model version"),  # beyond SQLite's integers
     (_body([_row(anomaly_score=1e308)]), "at most 1e+12 in size"),  # would overflow the batch means
+    (_body([_row(anomaly_score=10**400)]), "at most 1e+12 in size"),  # a JSON integer past any float
     (_body([_row()], host="h" * 101), "host"),
 ])
 def test_malformed_bodies_are_refused_whole(body, needle):
