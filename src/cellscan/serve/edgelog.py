@@ -42,7 +42,7 @@ def _number(rec: dict[str, Any], key: str, where: str, *, optional: bool = False
     if value is None and optional:
         return None
     number = not isinstance(value, bool) and isinstance(value, int | float)
-    if not number or abs(value) > MAX_ABS or not math.isfinite(value):  # size first: isfinite(10**400) overflows
+    if not number or abs(value) > MAX_ABS or not math.isfinite(value):  # size first: isfinite(10**400) fails
         msg = f"{where}.{key}: expected a finite number, at most {MAX_ABS:g} in size, got {str(value)[:40]!r}"
         raise _fail(msg)
     return float(value)
