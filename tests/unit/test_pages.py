@@ -148,3 +148,43 @@ def test_models_page_with_mlflow_unreachable_is_an_html_503_that_says_why(ui):
     assert r.status_code == 503 and r.headers["content-type"].startswith("text/html")  # the guard leaves it HTML
     assert 'id="mlflow-unavailable"' in r.text and str(port) in r.text and 'data-version=' not in r.text
     assert ui.get("/nope-api-route").headers["content-type"].startswith("application/json")  # the API: JSON errors
+
+
+def test_a_double_clicked_false_alarm_is_one_verdict_and_one_stored_image(ui, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service import service
+
+    from cellscan.serve.intake import DatasetIndex
+
+    root = tmp_path / "data"
+    (root / "training").mkdir(parents=True)
+    (root / "training" / "n0.png").write_bytes(encode_png(np.zeros((8, 8), np.float32)))
+    service._SERVICES[0].index = DatasetIndex(root, 10**8)
+    def send(_: int) -> object:
+        return ui.post("/ui/scans/2/verdict", json={"verdict": "false_alarm"}, headers={"X-API-Key": KEY})
+
+    with ui, ThreadPoolExecutor(2) as pool:  # one event loop for both requests, as in the service
+        answers = list(pool.map(send, range(2)))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    assert len(list((root / "temp").glob("*.png"))) == 1
+
+
+def test_a_missed_defect_named_dot_dot_is_stored_under_a_file_name(ui):
+    from service import service
+
+    seen = []
+
+    async def store_and_run(kind, role, image_url, path, wait):  # type: ignore[no-untyped-def]
+        seen.append((path.name, path.is_file()))
+        return {"stored": ["data/anomaly/x.png"], "job_id": "j1"}
+
+    fake = service._SERVICES[0]
+    fake._store_and_run = store_and_run
+    x = np.full((8, 8, 1), 0.25, np.float32)
+    rec = {"anomaly_score": 0.1, "reconstruction_error": 0.0, "threshold": 1.0, "is_anomaly": False}
+    fake_log = PredictionLog.from_settings(fake.settings)
+    fake_log.write([Item(x, encode_png(x[..., 0]), rec, None, "upload", "..", 1, 0.01)])
+    r = ui.post("/ui/scans/3/verdict", json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    assert seen == [("scan.png", True)]

@@ -75,23 +75,27 @@ class Pages:
 
     def __init__(self, service: Callable[[], Any]) -> None:
         self.service = service
+        self._owner: Any = None  # the service the state below belongs to
         self._log: Any = None
         self._verdicts: VerdictStore | None = None
         self._models: dict[int, Any] = {}
 
     @property
     def log(self) -> Any:
-        if self._log is None:
+        svc = self.service()
+        if self._log is None or self._owner is not svc:
             from cellscan.mlops.monitor.predlog import PredictionLog
 
-            svc = self.service()
-            self._log = svc.plog.log if getattr(svc, "plog", None) is not None else PredictionLog.from_settings(svc.settings)
+            plog = getattr(svc, "plog", None)
+            self._log = plog.log if plog is not None else PredictionLog.from_settings(svc.settings)
+            self._owner, self._verdicts, self._models = svc, None, {}
         return self._log
 
     @property
     def verdicts(self) -> VerdictStore:
+        log = self.log
         if self._verdicts is None:
-            self._verdicts = VerdictStore(self.log.engine)
+            self._verdicts = VerdictStore(log.engine)
         return self._verdicts
 
     # -- scans -----------------------------------------------------------------------------------
@@ -157,7 +161,10 @@ class Pages:
     # -- verdicts --------------------------------------------------------------------------------
     async def record(self, scan: dict[str, Any], verdict: str, by: str) -> tuple[int, dict[str, Any]]:
         """Store the image where the verdict sends it (at most once) and record the verdict."""
+        from bentoml.exceptions import InvalidArgument
+
         from cellscan.core.images import canonical_png
+        from cellscan.errors import DatasetError
         from cellscan.mlops import steps
 
         svc = self.service()
@@ -167,21 +174,29 @@ class Pages:
         data = self.image_bytes(scan) if verdict != "confirmed" else None
         if verdict != "confirmed" and data is None:
             return 409, {"error": "the scan's image is no longer kept (retention); the verdict needs it", "code": "image_gone"}
+        name = Path(scan["name"] or "").name
+        name = name if name not in ("", ".", "..") else "scan.png"  # a file name, whatever the client sent
         if verdict == "false_alarm":  # a new normal for the next retraining: the folder /retrain stores into
             async with svc._intake:
-                digest = (await asyncio.to_thread(canonical_png, data, name=scan["name"] or "scan"))[1]
+                digest = (await asyncio.to_thread(canonical_png, data, name=name))[1]
                 where = await asyncio.to_thread(svc.index.find, digest)
                 if where is None:
-                    paths = await asyncio.to_thread(steps.add_images, svc.index.root, "temp",
-                                                    [(scan["name"] or "scan.png", data)])
+                    try:
+                        files = [(name, data)]
+                        paths = await asyncio.to_thread(steps.add_images, svc.index.root, "temp", files)
+                    except DatasetError as exc:  # as /retrain answers it: nothing stored
+                        return 507, {"error": str(exc), "code": "storage_error"}
                     stored = str(paths[0].relative_to(svc.project))
                 else:
                     note = f"already in the dataset: {where.relative_to(svc.project)}"
         elif verdict == "missed_defect":  # a known anomaly and the threshold re-evaluation (what /anomaly does)
             with tempfile.TemporaryDirectory(prefix="cellscan-verdict-") as tmp:
-                path = Path(tmp) / Path(scan["name"] or "scan.png").name
+                path = Path(tmp) / name
                 path.write_bytes(data)  # type: ignore[arg-type]
-                answer = await svc._store_and_run("anomaly", "anomaly", None, path, False)
+                try:
+                    answer = await svc._store_and_run("anomaly", "anomaly", None, path, False)
+                except InvalidArgument as exc:  # the kept image no longer decodes for the champion
+                    return 400, {"error": str(exc), "code": "bad_request"}
             if not isinstance(answer, dict):  # a JSONResponse: 409 duplicate, 429 busy, 507 storage
                 body = json.loads(answer.body)
                 if body.get("code") != "duplicate_image":
@@ -202,6 +217,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
 
     pages = Pages(service)
     r = APIRouter(include_in_schema=True)
+    verdicts_one_at_a_time = asyncio.Lock()
     nav = {"scans": "/ui/scans", "upload": "/ui/upload", "models": "/ui/models", "monitoring": "/ui/monitoring",
            "API": "/ui/api"}
 
@@ -279,16 +295,18 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
             choice = str(body["verdict"])
         except (ValueError, KeyError, TypeError):
             return _error(400, f"send JSON {{\"verdict\": one of {', '.join(VERDICTS)}}}", "bad_request")
-        scan = pages.scan(scan_id)
-        if scan is None:
-            return _error(404, f"no scan with id {scan_id}", "not_found")
-        why = check_verdict(choice, bool(scan["is_anomaly"]))
-        if why:
-            return _error(400, why, "bad_request")
-        if scan["review"] is not None:
-            prev = scan["review"]
-            return _error(409, f"scan {scan_id} already has a verdict: {prev['verdict']} by {prev['by']}", "conflict")
-        status, answer = await pages.record(scan, choice, key_name(policy.api_key))
+        async with verdicts_one_at_a_time:  # a double click: the second finds the first's verdict, not a 500
+            scan = pages.scan(scan_id)
+            if scan is None:
+                return _error(404, f"no scan with id {scan_id}", "not_found")
+            why = check_verdict(choice, bool(scan["is_anomaly"]))
+            if why:
+                return _error(400, why, "bad_request")
+            if scan["review"] is not None:
+                prev = scan["review"]
+                msg = f"scan {scan_id} already has a verdict: {prev['verdict']} by {prev['by']}"
+                return _error(409, msg, "conflict")
+            status, answer = await pages.record(scan, choice, key_name(policy.api_key))
         return answer if status == 200 else _error(status, answer["error"], answer["code"])
 
     @r.get("/ui/upload", summary="Upload images and see verdicts and heatmaps (HTML)")

@@ -33,9 +33,11 @@
       on.addEventListener("change", apply); op.addEventListener("input", apply); apply();
     }
     document.querySelectorAll("button.verdict").forEach((b) => b.addEventListener("click", async () => {
+      const buttons = document.querySelectorAll("button.verdict");
+      buttons.forEach((x) => { x.disabled = true; });  // one verdict per click, until the answer comes
       status("recording " + b.dataset.verdict + " ...");
       const data = await send("/ui/scans/" + b.dataset.scan + "/verdict", { verdict: b.dataset.verdict });
-      if (!data) return;
+      if (!data) { buttons.forEach((x) => { x.disabled = false; }); return; }
       let text = data.verdict + " by " + data.by;
       if (data.stored) text += " · stored as " + data.stored;
       if (data.job_id) text += " · job " + data.job_id;
