@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cellscan.core.config import load_params, parse_overrides
 from cellscan.settings import setup_offline
-from cellscan.errors import CellscanError, ConfigError, DatasetError
+from cellscan.errors import CellscanError, ConfigError, DatasetError, RegistryError
 
 app = typer.Typer(help="cellscan: anomaly detection for CT/X-ray scans of battery cells.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -469,7 +469,15 @@ def models_rollback(
 
     settings = _store_settings()
     before = registry.champion_version(settings)
-    v = registry.rollback(settings, version)
+
+    def loadable(v: int) -> None:  # checked before the alias moves: a broken version leaves it where it is
+        try:
+            registry.load_model(v, settings)
+        except Exception as exc:
+            msg = f"version {v} cannot be loaded ({type(exc).__name__}: {exc}); the champion is unchanged"
+            raise RegistryError(msg) from None
+
+    v = registry.rollback(settings, version, ready=loadable)
     out.print(f"champion is now version {v}")
     if before is not None and v > before:  # allowed (back to a newer version after a rollback), but said
         console.print(f"[yellow]note[/yellow]: version {v} is newer than the champion it replaced ({before}): "

@@ -135,6 +135,13 @@ def test_rollback_after_an_alias_move_made_outside_cellscan(project, settings):
     res = _cli(settings, "models", "rollback", "models:/cellscan/2")
     assert res.exit_code == 0 and "champion is now version 2" in res.stdout and "rolled forward" in res.output
     assert registry.rollback(settings, 1) == 1
+    # A version that cannot be loaded (its files gone) is refused before the alias moves.
+    broken = mlflow.MlflowClient().create_model_version("cellscan", str(project / "no-such-model"))
+    res = _cli(settings, "models", "rollback", str(broken.version))
+    assert res.exit_code == 1, res.output
+    assert "cannot be loaded" in res.output, res.output
+    assert "champion is unchanged" in res.output, res.output
+    assert registry.champion_version(settings) == 1
 
 
 def test_training_that_fails_midway_leaves_the_champion(project, settings, monkeypatch):

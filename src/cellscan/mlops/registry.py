@@ -23,6 +23,8 @@ from cellscan.mlops.tracking import client
 from cellscan.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mlflow.tracking import MlflowClient
 
     from cellscan.mlops.gate import GateDecision
@@ -237,8 +239,12 @@ def previous_champion(settings: Settings) -> int | None:
     return best
 
 
-def rollback(settings: Settings, version: int | str | None = None) -> int:
+def rollback(settings: Settings, version: int | str | None = None,
+             ready: Callable[[int], object] | None = None) -> int:
     """Move ``champion`` back: to ``version``, or without one to :func:`previous_champion`.
+
+    ``ready(version)`` runs before anything is written (loading the version, say): where it raises, the
+    alias and the tags stay as they were and its exception goes to the caller.
 
     Raises:
         RegistryError: there is no earlier champion, or the version does not exist.
@@ -252,6 +258,8 @@ def rollback(settings: Settings, version: int | str | None = None) -> int:
             msg = f"no previous champion of {name!r} to roll back to (current: {current})"
             raise RegistryError(msg)
     version = int(_resolve(mc, name, version).version)
+    if ready is not None:
+        ready(version)
     if current is not None and version < current:  # going back: the newer one is not a candidate again
         mc.set_model_version_tag(name, str(current), ROLLED_BACK_TAG, _stamp(f"rolled back to {version}"))
     mv = mc.get_model_version(name, str(version))
