@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def settings() -> Any:
 
 class BadRequest(InvalidArgument):
     """HTTP 400 with cellscan's message."""
+
+
+class _Refused(Exception):
+    """A model change refused before anything was written (answered 409 with this message)."""
 
 
 def _svc() -> Any:
@@ -227,8 +232,9 @@ def _files_only() -> None:
         if not isinstance(obj, UploadFile):
             raise BadRequest("file fields (image, images) take uploaded files only; send a URL as image_url in JSON")
         name = Path(obj.filename or "image")
-        if len(name.name) > 100:
-            obj.filename = name.stem[:80] + name.suffix[:10]
+        if len(name.name.encode()) > 100:  # bytes, not characters: the file system counts bytes
+            cut = lambda text, n: text.encode()[:n].decode(errors="ignore")  # noqa: E731
+            obj.filename = cut(name.stem, 80) + cut(name.suffix, 10)
         return obj
 
     original = MultipartSerde.parse_request
@@ -245,7 +251,15 @@ def _files_only() -> None:
         if unknown:
             msg = f"unknown form field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; expected some of {', '.join(cls.model_fields)}"
             raise BadRequest(msg)
+        for k in form:
+            text_only = not takes_files(cls.model_fields[k].annotation)
+            if text_only and not all(isinstance(v, str) for v in form.getlist(k)):
+                msg = f"form field {k!r} takes text, got a file; upload images as image or images"
+                raise BadRequest(msg)
         return await original(self, request, cls)
+
+    def takes_files(annotation: Any) -> bool:
+        return annotation is Path or any(takes_files(a) for a in typing.get_args(annotation))
 
     MultipartSerde.ensure_file = staticmethod(ensure_file)
     MultipartSerde.parse_request = parse_request
@@ -419,6 +433,21 @@ class Cellscan:
             msg = str(exc)
             raise BadRequest(msg if msg.startswith(f"{name}: ") else f"{name}: {msg}") from None
 
+    def _no_model(self) -> Any:
+        """A 503 in the error shape that names why while no champion is loaded (BentoML would answer a 503
+        raised here with a generic text), else None."""
+        from starlette.responses import JSONResponse
+
+        from cellscan.errors import NoModelError
+
+        try:
+            self.holder.current()
+        except NoModelError as exc:
+            last = self.holder.last_error
+            msg = f"{exc}" + (f" (the last load failed: {last})" if last else "")
+            return JSONResponse({"error": msg, "code": "no_model"}, status_code=503)
+        return None
+
     def _model(self) -> Any:
         from cellscan.errors import NoModelError
 
@@ -468,7 +497,9 @@ class Cellscan:
         import uuid
 
         _BATCH.set(f"req-{uuid.uuid4().hex[:12]}")  # one request, one batch in the prediction log's metrics
-        self._model()
+        none = self._no_model()
+        if none is not None:
+            return none
         if image_urls or images:
             if image_url is not None or image is not None:
                 raise BadRequest("send either one image (image_url / image) or a batch (image_urls / images)")
@@ -495,7 +526,8 @@ class Cellscan:
         from cellscan.errors import BusyError, DatasetError
         from cellscan.mlops import steps
 
-        down = await asyncio.to_thread(_mlflow_down, self)  # the job would need MLflow: store nothing
+        # the job needs MLflow and the champion: without either, store nothing
+        down = await asyncio.to_thread(_mlflow_down, self) or self._no_model()
         if down is not None:
             return down
         name, data = await self._bytes(image_url, image)
@@ -560,6 +592,7 @@ class Cellscan:
     def rollback(self, version: int | None = Field(None, ge=1, strict=True)) -> dict[str, Any]:
         """Move the champion alias back (to ``version``, or to the previous champion)."""
         from mlflow.exceptions import MlflowException
+        from starlette.responses import JSONResponse
 
         from cellscan.errors import RegistryError
         from cellscan.mlops import registry
@@ -567,13 +600,25 @@ class Cellscan:
         down = _mlflow_down(self)
         if down is not None:
             return down
+        ready: dict[int, Any] = {}
+
+        def load(v: int) -> None:  # before the alias moves: a version that cannot serve leaves it where it is
+            try:
+                ready[v] = self.holder.prepare(v)
+            except Exception as exc:
+                msg = f"version {v} cannot be served ({type(exc).__name__}: {exc}); the champion is unchanged"
+                raise _Refused(msg) from None
+
         try:
-            v = registry.rollback(self.settings, version)
+            v = registry.rollback(self.settings, version, ready=load)
+        except _Refused as exc:
+            return JSONResponse({"error": str(exc), "code": "not_servable"}, status_code=409)
         except RegistryError as exc:
             raise NotFound(str(exc)) from None
         except MlflowException as exc:  # the server went away between the probe and the call
-            raise ServiceUnavailable(f"MLflow: {exc}; the champion is unchanged") from None
-        self.holder.refresh()
+            msg = f"MLflow: {exc}; the champion is unchanged"
+            return JSONResponse({"error": msg, "code": "mlflow_unavailable"}, status_code=503)
+        self.holder.install(ready[v], v)
         return {"champion": v, "serving": self.holder.version}
 
     @bentoml.on_shutdown

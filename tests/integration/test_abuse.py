@@ -286,6 +286,8 @@ CASES = [
         "Content-Type": "multipart/form-data"}}, 400, "bad_request", "multipart"),
     ("multipart-huge-part-header", "POST", "/predict",
      {"files": {"image": ("a" * 9000 + ".png", _png(), "image/png")}}, 400, "bad_request", "multipart"),
+    ("file-in-a-text-field", "POST", "/predict", {"files": {"image_url": ("x.png", _png(), "image/png")}},
+     400, "bad_request", "takes text"),
 ]
 
 
@@ -333,11 +335,52 @@ def test_errors_name_the_upload_as_the_client_named_it(svc):
         assert r.json()["error"].startswith("scan-0042.png:"), r.text
 
 
-def test_long_filename_is_served_not_a_500(svc):
+@pytest.mark.parametrize("name", ["a" * 300 + ".png", "\u96ea" * 90 + ".png"], ids=["ascii", "cjk-274-bytes"])
+def test_long_filename_is_served_not_a_500(svc, name):
     with httpx.Client(base_url=svc["base"], timeout=60) as c:
-        r = c.post("/predict", files={"image": ("a" * 300 + ".png", _png(), "image/png")})
+        r = c.post("/predict", files={"image": (name, _png(), "image/png")})
         assert r.status_code == 200, r.text
         assert isinstance(r.json()["is_anomaly"], bool)
+
+
+def test_rollback_to_a_version_that_cannot_serve_leaves_the_champion(svc):
+    import mlflow
+
+    mc = mlflow.MlflowClient(tracking_uri=svc["env"]["MLFLOW_TRACKING_URI"])
+    broken = mc.create_model_version("cellscan", str(svc["root"] / "no-such-model"))  # its files are gone
+    before = _state(svc)
+    with httpx.Client(base_url=svc["base"], timeout=120, headers=K) as c:
+        r = c.post("/rollback", json={"version": int(broken.version)})
+        assert r.status_code == 409, r.text
+        assert r.json()["code"] == "not_servable", r.text
+        assert "the champion is unchanged" in r.json()["error"], r.text
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post("/predict", files={"image": ("a.png", _png(), "image/png")}).status_code == 200
+    assert _state(svc) == before
+    assert mc.get_model_version_by_alias("cellscan", "champion").version != broken.version
+
+
+def test_without_a_champion_predict_and_retrain_say_why(svc, tmp_path):
+    """A 503 that names the missing champion, not BentoML's generic text for any 5xx."""
+    env = svc["env"] | {"CELLSCAN_MODEL_NAME": "never-trained"}
+    port = _free_port()
+    log = tmp_path / "nomodel.log"
+    serve = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Cellscan",
+             "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(serve, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=K) as c:
+            for route in ("/predict", "/retrain"):
+                r = c.post(route, files={"image": ("a.png", _png(3), "image/png")})
+                assert r.status_code == 503, r.text
+                assert r.json()["code"] == "no_model", r.text
+                assert "never-trained" in r.json()["error"], r.text
+            assert c.get("/health").json()["status"] == "no_model"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
 
 
 def test_a_mixed_batch_answers_per_item(svc):

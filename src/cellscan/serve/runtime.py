@@ -47,7 +47,11 @@ class ModelHolder:
         # skips the registry, whose client would retry a refused connection for minutes.
         self.reachable = reachable
         self._stop = threading.Event()
-        self.refresh()
+        try:
+            self.refresh()
+        except Exception as exc:  # start anyway, serving nothing: /health says why, a rollback can mend it
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("the champion could not be loaded: %s", self.last_error)
         if poll_seconds > 0:
             threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True, name="champion-poll").start()
 
@@ -69,16 +73,25 @@ class ModelHolder:
         self.champion = version
         if version is None or version == self._version:
             return self._version
-        model, loaded = registry.load_model(version, self.settings)
-        if self.settings.runtime != "keras" and loaded is not None:
+        self.install(self.prepare(version), version)
+        return version
+
+    def prepare(self, version: int) -> CellscanModel:
+        """Load ``version`` as it would serve (for ONNX or TFLite: its export); serve nothing yet."""
+        model, _ = registry.load_model(version, self.settings)
+        if self.settings.runtime != "keras":
             from cellscan.mlops.export import serving_model
 
-            model = serving_model(self.settings, model, loaded, self.settings.runtime)
+            model = serving_model(self.settings, model, version, self.settings.runtime)
+        return model
+
+    def install(self, model: CellscanModel, version: int) -> None:
+        """Serve ``model`` (made by :meth:`prepare`) as ``version`` from the next request on."""
         with self._lock:
-            self._model, self._version = model, loaded
+            self._model, self._version = model, version
+        self.champion = version
         self.last_error = None
-        logger.info("serving champion version %s (%s)", loaded, self.settings.runtime)
-        return loaded
+        logger.info("serving champion version %s (%s)", version, self.settings.runtime)
 
     def current(self) -> tuple[CellscanModel, int]:
         with self._lock:
