@@ -173,6 +173,28 @@ def test_holder_serves_through_onnx_and_reuses_the_logged_export(trained, model_
     assert again.meta["export"]["created"] == created and (local / "model.onnx").is_file()
 
 
+def test_holder_starts_serving_nothing_when_the_champion_cannot_be_loaded(trained, model_dir, project):
+    import mlflow
+
+    from cellscan.errors import NoModelError
+    from cellscan.serve.runtime import ModelHolder
+
+    settings = Settings.from_env(project)
+    good = _register(settings, model_dir)
+    mc = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    broken = mc.create_model_version(settings.model_name, str(project / "no-such-model"))  # no files there
+    mc.set_registered_model_alias(settings.model_name, "champion", broken.version)
+    holder = ModelHolder(settings, poll_seconds=0)  # no exception: the service starts and /health says why
+    assert holder.champion == int(broken.version), holder.champion
+    assert holder.version is None
+    assert holder.last_error is not None
+    with pytest.raises(NoModelError):
+        holder.current()
+    holder.install(holder.prepare(good), good)  # what a rollback to the good version does
+    assert holder.current()[1] == good
+    assert holder.last_error is None
+
+
 def test_cli_export(trained, model_dir, dataset_dir, tmp_path, monkeypatch):
     from cellscan.cli import app
 
