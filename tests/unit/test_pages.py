@@ -188,3 +188,30 @@ def test_a_missed_defect_named_dot_dot_is_stored_under_a_file_name(ui):
     r = ui.post("/ui/scans/3/verdict", json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY})
     assert r.status_code == 200, r.text
     assert seen == [("scan.png", True)]
+
+
+def test_a_heatmap_that_needs_another_version_says_why_it_cannot_be_drawn(ui):
+    from service import service
+
+    from cellscan.errors import NoModelError
+    from cellscan.serve.health import TrackingProbe
+
+    fake = service._SERVICES[0]
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fake.probe = TrackingProbe(f"http://127.0.0.1:{port}")
+    fake.holder = types.SimpleNamespace(current=lambda: (object(), 2), version=2)  # scan 1 was scored by 1
+    r = ui.get("/ui/scans/1/heatmap.png")
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "model_unavailable", r.text
+    assert "version 1" in r.json()["error"], r.text
+
+    def nothing_served():  # type: ignore[no-untyped-def]
+        msg = "no champion of model 'cellscan' is registered yet; train one first"
+        raise NoModelError(msg)
+
+    fake.holder = types.SimpleNamespace(current=nothing_served, version=None)
+    r = ui.get("/ui/scans/1/heatmap.png")
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "no_model", r.text

@@ -138,7 +138,14 @@ class Pages:
         return Path(path).read_bytes()
 
     def model_for(self, version: int | None) -> Any:
-        """The version that scored the scan (the served one, else loaded once from the registry)."""
+        """The version that scored the scan (the served one, else loaded once from the registry).
+
+        Raises:
+            NoModelError: nothing is served yet.
+            RegistryError: that version cannot be loaded now (MLflow down, the version deleted or broken).
+        """
+        from cellscan.errors import RegistryError
+
         svc = self.service()
         model, current = svc.holder.current()
         if version is None or version == current:
@@ -146,7 +153,16 @@ class Pages:
         if version not in self._models:
             from cellscan.mlops import registry
 
-            self._models = {version: registry.load_model(version, svc.settings)[0]}  # keep one extra model at most
+            down = svc.probe.error()  # the registry client would retry a refused connection for minutes
+            if down is not None:
+                msg = f"the scan was scored by version {version}, which needs MLflow to load: {down}"
+                raise RegistryError(msg)
+            try:
+                loaded = registry.load_model(version, svc.settings)[0]
+            except Exception as exc:
+                msg = f"version {version}, which scored the scan, cannot load ({type(exc).__name__}: {exc})"
+                raise RegistryError(msg) from None
+            self._models = {version: loaded}  # keep one extra model at most
         return self._models[version]
 
     def heatmap_png(self, scan: dict[str, Any], data: bytes) -> bytes:
@@ -269,11 +285,18 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
 
     @r.get("/ui/scans/{scan_id}/heatmap.png", summary="The scan's heatmap overlay at the image's size (PNG)")
     async def scan_heatmap(scan_id: int) -> Any:
+        from cellscan.errors import NoModelError, RegistryError
+
         scan = pages.scan(scan_id)
         data = pages.image_bytes(scan) if scan else None
         if data is None:
             return _error(404, f"no kept image for scan {scan_id}", "not_found")
-        png = await asyncio.to_thread(pages.heatmap_png, scan, data)  # type: ignore[arg-type]
+        try:
+            png = await asyncio.to_thread(pages.heatmap_png, scan, data)  # type: ignore[arg-type]
+        except NoModelError as exc:
+            return _error(503, str(exc), "no_model")
+        except RegistryError as exc:
+            return _error(503, str(exc), "model_unavailable")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @r.post("/ui/scans/{scan_id}/verdict", summary="Record an operator verdict (API key)",
