@@ -525,6 +525,7 @@ class Cellscan:
         from cellscan.core.images import canonical_png
         from cellscan.errors import BusyError, DatasetError
         from cellscan.mlops import steps
+        from cellscan.serve.intake import shown
 
         # the job needs MLflow and the champion: without either, store nothing
         down = await asyncio.to_thread(_mlflow_down, self) or self._no_model()
@@ -537,7 +538,7 @@ class Cellscan:
             digest = (await asyncio.to_thread(canonical_png, data, name=name))[1]
             where = await asyncio.to_thread(self.index.find, digest)
             if where is not None:
-                msg = f"{name}: the same image is already in the dataset: {where.relative_to(self.project)}"
+                msg = f"{name}: the same image is already in the dataset: {shown(where, self.project)}"
                 return JSONResponse({"error": msg, "code": "duplicate_image"}, status_code=409)
             try:
                 job = self.jobs.reserve(kind)
@@ -553,7 +554,7 @@ class Cellscan:
                 self.jobs.discard(job)
                 raise
         self.jobs.start(job)
-        head = {"job_id": job.id, "stored": [str(p.relative_to(self.project)) for p in stored]}
+        head = {"job_id": job.id, "stored": [shown(p, self.project) for p in stored]}
         if not wait:
             return head | {"status": job.status}
         if not await self.jobs.wait_async(job, self.settings.job_timeout_s):

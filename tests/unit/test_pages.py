@@ -215,3 +215,17 @@ def test_a_heatmap_that_needs_another_version_says_why_it_cannot_be_drawn(ui):
     r = ui.get("/ui/scans/1/heatmap.png")
     assert r.status_code == 503, r.text
     assert r.json()["code"] == "no_model", r.text
+
+
+def test_a_false_alarm_stored_outside_the_project_is_named_by_its_whole_path(ui, tmp_path_factory):
+    from service import service
+
+    from cellscan.serve.intake import DatasetIndex
+
+    root = tmp_path_factory.mktemp("elsewhere") / "cells"  # data.root: an absolute folder outside the project
+    (root / "training").mkdir(parents=True)
+    (root / "training" / "n0.png").write_bytes(encode_png(np.zeros((8, 8), np.float32)))
+    service._SERVICES[0].index = DatasetIndex(root, 10**8)
+    r = ui.post("/ui/scans/2/verdict", json={"verdict": "false_alarm"}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    assert r.json()["stored"].startswith(str(root / "temp")), r.text

@@ -15,6 +15,18 @@ from cellscan.core.images import IMAGE_SUFFIXES, canonical_png
 from cellscan.errors import ImageError
 
 
+def shown(path: Path, home: Path) -> str:
+    """A dataset file as answers name it: relative to the project where it lies inside it, else whole
+    (``data.root`` may be an absolute folder elsewhere).
+
+    Example:
+        >>> home = Path("/srv/cellscan")
+        >>> shown(home / "data/temp/a.png", home), shown(Path("/mnt/cells/a.png"), home)
+        ('data/temp/a.png', '/mnt/cells/a.png')
+    """
+    return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
+
+
 class DatasetIndex:
     """Pixel digests of the images under one data root, cached by (size, mtime)."""
 

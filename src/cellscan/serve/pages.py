@@ -182,6 +182,7 @@ class Pages:
         from cellscan.core.images import canonical_png
         from cellscan.errors import DatasetError
         from cellscan.mlops import steps
+        from cellscan.serve.intake import shown
 
         svc = self.service()
         stored: str | None = None
@@ -202,9 +203,9 @@ class Pages:
                         paths = await asyncio.to_thread(steps.add_images, svc.index.root, "temp", files)
                     except DatasetError as exc:  # as /retrain answers it: nothing stored
                         return 507, {"error": str(exc), "code": "storage_error"}
-                    stored = str(paths[0].relative_to(svc.project))
+                    stored = shown(paths[0], svc.project)
                 else:
-                    note = f"already in the dataset: {where.relative_to(svc.project)}"
+                    note = f"already in the dataset: {shown(where, svc.project)}"
         elif verdict == "missed_defect":  # a known anomaly and the threshold re-evaluation (what /anomaly does)
             with tempfile.TemporaryDirectory(prefix="cellscan-verdict-") as tmp:
                 path = Path(tmp) / name
