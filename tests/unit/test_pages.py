@@ -229,3 +229,25 @@ def test_a_false_alarm_stored_outside_the_project_is_named_by_its_whole_path(ui,
     r = ui.post("/ui/scans/2/verdict", json={"verdict": "false_alarm"}, headers={"X-API-Key": KEY})
     assert r.status_code == 200, r.text
     assert r.json()["stored"].startswith(str(root / "temp")), r.text
+
+
+def test_a_palette_scan_is_shown_in_its_colours(ui):
+    import io
+
+    from PIL import Image
+    from service import service
+
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 is red
+    pal.paste(1, (0, 0, 4, 8))
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG")
+    log = PredictionLog.from_settings(service._SERVICES[0].settings)
+    x = np.zeros((8, 8, 1), np.float32)
+    rec = {"anomaly_score": 0.1, "reconstruction_error": 0.0, "threshold": 1.0, "is_anomaly": False}
+    log.write([Item(x, buf.getvalue(), rec, None, "upload", "pal.png", 1, 0.01)])
+    r = ui.get("/ui/scans/3/image.png")
+    assert r.status_code == 200, r.text
+    shown = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    assert tuple(shown[0, 0]) == (255, 0, 0), shown[0]  # red, not index 1 stretched to white
+    assert tuple(shown[0, 7]) == (0, 0, 0), shown[0]

@@ -272,7 +272,9 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         if data is None:
             return _error(404, f"no kept image for scan {scan_id}", "not_found")
         img = Image.open(io.BytesIO(data))
-        if img.mode not in ("L", "RGB"):
+        if img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):  # colours or grey levels as they look
+            img = img.convert("RGB")
+        elif img.mode not in ("L", "RGB"):  # 16-bit and float grey levels: stretched to 8 bits
             import numpy as np
 
             arr = np.asarray(img).astype("float64")
