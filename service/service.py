@@ -422,13 +422,14 @@ class Cellscan:
             raise BadRequest(str(exc)) from None
 
     def _decode(self, name: str, data: bytes) -> Any:
-        """(working-size input, the image at its own size) or a 400 naming what was expected."""
+        """(working-size input, the image at its own size, the (model, version) it was decoded for) or a
+        400 naming what was expected."""
         from cellscan.errors import CellscanError
 
-        model, _ = self._model()
+        used = self._model()
         try:
-            return model.load_pair(data, max_pixels=min(self.params.data.max_pixels, self.settings.max_image_pixels),
-                                   name=name)
+            pixels = min(self.params.data.max_pixels, self.settings.max_image_pixels)
+            return (*used[0].load_pair(data, max_pixels=pixels, name=name), used)
         except CellscanError as exc:
             msg = str(exc)
             raise BadRequest(msg if msg.startswith(f"{name}: ") else f"{name}: {msg}") from None
@@ -459,8 +460,8 @@ class Cellscan:
     async def _one(self, name: str, data: bytes, heatmap: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         async with self._decodes:  # a bounded number of decodes at once: each can take hundreds of MB
-            x, native = await asyncio.to_thread(self._decode, name, data)
-        record, amap, version = await self.batcher.score(x)
+            x, native, used = await asyncio.to_thread(self._decode, name, data)
+        record, amap, version = await self.batcher.score(x, used)
         if not all(math.isfinite(float(record.get(k) or 0.0)) for k in ("anomaly_score", "reconstruction_error")):
             # never into the score metric or the prediction log: one NaN would poison them for good
             raise BadRequest(f"{name}: the image gives a non-finite score; expected finite pixel values")

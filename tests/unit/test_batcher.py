@@ -75,3 +75,22 @@ def test_a_failing_batch_fails_its_requests_and_frees_its_worker():
 
     out = asyncio.run(asyncio.wait_for(run(), 10))
     assert len(out) == 12 and all(isinstance(e, ValueError) for e in out)
+
+
+def test_each_image_is_scored_by_the_model_it_was_decoded_for():
+    """A champion swapped in while images queue (perhaps with another input size) never scores them."""
+    old, new = _SlowModel(), _SlowModel()
+    batcher = Batcher(_Holder(new), max_batch=8, max_latency_ms=20)  # type: ignore[arg-type]
+
+    async def run() -> list:
+        return await asyncio.gather(
+            batcher.score(np.zeros((2, 2, 1), np.float32), (old, 2)),  # type: ignore[arg-type]
+            batcher.score(np.zeros((2, 2, 1), np.float32)),  # decoded for whatever serves now
+            batcher.score(np.zeros((2, 2, 1), np.float32), (old, 2)),  # type: ignore[arg-type]
+        )
+
+    out = asyncio.run(asyncio.wait_for(run(), 10))
+    assert [r[2] for r in out] == [2, 3, 2]
+    assert [r[0]["i"] for r in out] == [0, 0, 1]  # each row of its own model's batch
+    assert old.sizes == [2]
+    assert new.sizes == [1]

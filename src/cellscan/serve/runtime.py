@@ -113,6 +113,7 @@ class ModelHolder:
 class _Item:
     x: np.ndarray
     future: asyncio.Future[Any]
+    model: tuple[CellscanModel, int] | None = None  # what it was prepared for; None: the current champion
 
 
 class Batcher:
@@ -136,13 +137,16 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
 
-    async def score(self, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray, int]:
-        """Score one preprocessed image: (record, anomaly map, model version)."""
+    async def score(self, x: np.ndarray, model: tuple[CellscanModel, int] | None = None,
+                    ) -> tuple[dict[str, Any], np.ndarray, int]:
+        """Score one preprocessed image: (record, anomaly map, model version). ``model``: the (model,
+        version) that prepared ``x`` (decoded it to its input size), so that a champion swapped in
+        meanwhile, perhaps with another input size, never scores it; None: the champion at scoring time."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run())
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(x, fut))
+        await self._queue.put(_Item(x, fut, model))
         return await fut
 
     async def _run(self) -> None:
@@ -169,7 +173,8 @@ class Batcher:
         assert self._slots is not None
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._score_batch, [i.x for i in items])
+            results = await loop.run_in_executor(self._executor, self._score_batch, [i.x for i in items],
+                                                 [i.model for i in items])
             for item, res in zip(items, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(res)
@@ -180,11 +185,22 @@ class Batcher:
         finally:
             self._slots.release()
 
-    def _score_batch(self, xs: list[np.ndarray]) -> list[tuple[dict[str, Any], np.ndarray, int]]:
-        model, version = self.holder.current()
-        res = model.score_arrays(np.stack(xs))
-        if self.on_batch:
-            self.on_batch(len(xs))
-        emb = self.embed(res) if self.embed is not None else None
-        records = [res.record(i) | ({} if emb is None else {"_embedding": emb[i]}) for i in range(len(xs))]
-        return [(records[i], res.maps[i], version) for i in range(len(xs))]
+    def _score_batch(self, xs: list[np.ndarray], models: list[tuple[CellscanModel, int] | None] | None = None,
+                     ) -> list[tuple[dict[str, Any], np.ndarray, int]]:
+        """One model call per model among the items (one, unless the champion changed while they queued)."""
+        current = self.holder.current() if models is None or None in models else None
+        pairs = [m or current for m in (models or [None] * len(xs))]
+        groups: dict[int, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            groups.setdefault(id(pair[0]), []).append(i)  # type: ignore[index]
+        out: list[Any] = [None] * len(xs)
+        for idx in groups.values():
+            model, version = pairs[idx[0]]  # type: ignore[misc]
+            res = model.score_arrays(np.stack([xs[i] for i in idx]))
+            if self.on_batch:
+                self.on_batch(len(idx))
+            emb = self.embed(res) if self.embed is not None else None
+            for j, i in enumerate(idx):
+                record = res.record(j) | ({} if emb is None else {"_embedding": emb[j]})
+                out[i] = (record, res.maps[j], version)
+        return out
