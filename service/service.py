@@ -233,7 +233,10 @@ def _files_only() -> None:
             raise BadRequest("file fields (image, images) take uploaded files only; send a URL as image_url in JSON")
         name = Path(obj.filename or "image")
         if len(name.name.encode()) > 100:  # bytes, not characters: the file system counts bytes
-            cut = lambda text, n: text.encode()[:n].decode(errors="ignore")  # noqa: E731
+
+            def cut(text: str, size: int) -> str:
+                return text.encode()[:size].decode(errors="ignore")
+
             obj.filename = cut(name.stem, 80) + cut(name.suffix, 10)
         return obj
 
@@ -606,21 +609,23 @@ class Cellscan:
 
         def load(v: int) -> None:  # before the alias moves: a version that cannot serve leaves it where it is
             try:
-                ready[v] = self.holder.prepare(v)
+                ready[v] = self.holder.current()[0] if v == self.holder.version else self.holder.prepare(v)
             except Exception as exc:
                 msg = f"version {v} cannot be served ({type(exc).__name__}: {exc}); the champion is unchanged"
                 raise _Refused(msg) from None
 
         try:
-            v = registry.rollback(self.settings, version, ready=load)
-        except _Refused as exc:
-            return JSONResponse({"error": str(exc), "code": "not_servable"}, status_code=409)
+            with self.holder.changing:  # no champion poll loads or installs meanwhile
+                v = registry.rollback(self.settings, version, ready=load)
+                self.holder.install(ready[v], v)
+        except _Refused as exc:  # MLflow gone while loading is a 503 as below, not the version's fault
+            refused = JSONResponse({"error": str(exc), "code": "not_servable"}, status_code=409)
+            return _mlflow_down(self) or refused
         except RegistryError as exc:
             raise NotFound(str(exc)) from None
         except MlflowException as exc:  # the server went away between the probe and the call
             msg = f"MLflow: {exc}; the champion is unchanged"
             return JSONResponse({"error": msg, "code": "mlflow_unavailable"}, status_code=503)
-        self.holder.install(ready[v], v)
         return {"champion": v, "serving": self.holder.version}
 
     @bentoml.on_shutdown

@@ -39,6 +39,9 @@ class ModelHolder:
         self.settings = settings
         poll_seconds = settings.poll_seconds if poll_seconds is None else poll_seconds
         self._lock = threading.Lock()
+        # held while the alias is read and the served model changes (a refresh, a rollback): neither loads
+        # a version the other is installing, nor installs an older one after it
+        self.changing = threading.Lock()
         self._model: CellscanModel | None = None
         self._version: int | None = None
         self.champion: int | None = None  # the alias as last read from the registry
@@ -69,12 +72,13 @@ class ModelHolder:
 
     def refresh(self) -> int | None:
         """Load the champion if the alias points elsewhere than the loaded version; returns the version."""
-        version = registry.champion_version(self.settings)
-        self.champion = version
-        if version is None or version == self._version:
-            return self._version
-        self.install(self.prepare(version), version)
-        return version
+        with self.changing:
+            version = registry.champion_version(self.settings)
+            self.champion = version
+            if version is None or version == self._version:
+                return self._version
+            self.install(self.prepare(version), version)
+            return version
 
     def prepare(self, version: int) -> CellscanModel:
         """Load ``version`` as it would serve (for ONNX or TFLite: its export); serve nothing yet."""
