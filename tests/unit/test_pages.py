@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import types
 
 import numpy as np
@@ -160,7 +161,16 @@ def test_a_double_clicked_false_alarm_is_one_verdict_and_one_stored_image(ui, tm
     root = tmp_path / "data"
     (root / "training").mkdir(parents=True)
     (root / "training" / "n0.png").write_bytes(encode_png(np.zeros((8, 8), np.float32)))
-    service._SERVICES[0].index = DatasetIndex(root, 10**8)
+    index = DatasetIndex(root, 10**8)
+    find = index.find
+
+    def slow_find(digest: str) -> object:  # a wide window between the check and the store
+        time.sleep(0.3)
+        return find(digest)
+
+    index.find = slow_find  # type: ignore[method-assign]
+    service._SERVICES[0].index = index
+
     def send(_: int) -> object:
         return ui.post("/ui/scans/2/verdict", json={"verdict": "false_alarm"}, headers={"X-API-Key": KEY})
 

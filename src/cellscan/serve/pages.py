@@ -221,7 +221,14 @@ class Pages:
                 note = body["error"]
             else:
                 stored, job_id = (answer["stored"] or [None])[0], answer["job_id"]
-        row = self.verdicts.add(int(scan["id"]), verdict, by, stored, job_id, note)
+        from sqlalchemy.exc import IntegrityError
+
+        try:
+            row = self.verdicts.add(int(scan["id"]), verdict, by, stored, job_id, note)
+        except IntegrityError:  # a double click: the other request recorded its verdict meanwhile
+            prev = self.verdicts.get(int(scan["id"])) or {}
+            msg = f"scan {scan['id']} already has a verdict: {prev.get('verdict')} by {prev.get('by')}"
+            return 409, {"error": msg, "code": "conflict"}
         return 200, row
 
 
@@ -234,7 +241,6 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
 
     pages = Pages(service)
     r = APIRouter(include_in_schema=True)
-    verdicts_one_at_a_time = asyncio.Lock()
     nav = {"scans": "/ui/scans", "upload": "/ui/upload", "models": "/ui/models", "monitoring": "/ui/monitoring",
            "API": "/ui/api"}
 
@@ -272,14 +278,14 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         if data is None:
             return _error(404, f"no kept image for scan {scan_id}", "not_found")
         img = Image.open(io.BytesIO(data))
-        if img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):  # colours or grey levels as they look
-            img = img.convert("RGB")
-        elif img.mode not in ("L", "RGB"):  # 16-bit and float grey levels: stretched to 8 bits
+        if img.mode.startswith(("I", "F")):  # 16-bit and float grey levels: stretched to 8 bits
             import numpy as np
 
             arr = np.asarray(img).astype("float64")
             lo, hi = float(arr.min()), float(arr.max())
             img = Image.fromarray(((arr - lo) / (hi - lo or 1) * 255).astype("uint8"))
+        elif img.mode not in ("L", "RGB"):  # a palette, alpha, CMYK...: the colours it shows
+            img = img.convert("RGB")
         if size > 0:
             img.thumbnail((min(size, 512), min(size, 512)))
         buf = io.BytesIO()
@@ -321,18 +327,16 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
             choice = str(body["verdict"])
         except (ValueError, KeyError, TypeError):
             return _error(400, f"send JSON {{\"verdict\": one of {', '.join(VERDICTS)}}}", "bad_request")
-        async with verdicts_one_at_a_time:  # a double click: the second finds the first's verdict, not a 500
-            scan = pages.scan(scan_id)
-            if scan is None:
-                return _error(404, f"no scan with id {scan_id}", "not_found")
-            why = check_verdict(choice, bool(scan["is_anomaly"]))
-            if why:
-                return _error(400, why, "bad_request")
-            if scan["review"] is not None:
-                prev = scan["review"]
-                msg = f"scan {scan_id} already has a verdict: {prev['verdict']} by {prev['by']}"
-                return _error(409, msg, "conflict")
-            status, answer = await pages.record(scan, choice, key_name(policy.api_key))
+        scan = pages.scan(scan_id)
+        if scan is None:
+            return _error(404, f"no scan with id {scan_id}", "not_found")
+        why = check_verdict(choice, bool(scan["is_anomaly"]))
+        if why:
+            return _error(400, why, "bad_request")
+        if scan["review"] is not None:
+            prev = scan["review"]
+            return _error(409, f"scan {scan_id} already has a verdict: {prev['verdict']} by {prev['by']}", "conflict")
+        status, answer = await pages.record(scan, choice, key_name(policy.api_key))
         return answer if status == 200 else _error(status, answer["error"], answer["code"])
 
     @r.get("/ui/upload", summary="Upload images and see verdicts and heatmaps (HTML)")
