@@ -81,3 +81,19 @@ def test_nothing_comparable_stays_challenger():
 def test_both_nan_is_not_a_promotion():
     d = decide({"image_auroc": math.nan, "f1": math.nan}, {"image_auroc": math.nan, "f1": math.nan}, RULE)
     assert not d.promoted
+
+
+def test_without_known_anomalies_no_model_is_promoted_on_f1():
+    """Validation normals only (no anomaly/ yet): F1 0 against F1 0 is no evidence; the champion stays."""
+    import numpy as np
+
+    from cellscan.core.evaluate import image_metrics
+
+    normals = np.zeros(6)
+    good = image_metrics(normals, np.full(6, 0.1), threshold=1.0)
+    bad = image_metrics(normals, np.full(6, 9.0), threshold=1.0)  # flags every normal
+    assert math.isnan(bad["f1"])
+    assert math.isnan(bad["image_auroc"])
+    d = decide(bad, good, GateParams())
+    assert not d.promoted, d.reason
+    assert "stays challenger" in d.reason

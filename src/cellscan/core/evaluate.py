@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """Image-level metrics; AUROC and AUPR are NaN when only one class is present.
+    """Image-level metrics; AUROC and AUPR are NaN when only one class is present, and precision, recall
+    and F1 when there is no anomaly (without one they measure nothing: a gate comparing F1 0 with F1 0
+    would promote any model).
 
     Example:
         >>> m = image_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), 0.3)
@@ -33,14 +35,18 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     fp = int(np.sum(pred & (labels == 0)))
     fn = int(np.sum(~pred & (labels == 1)))
     both = len(np.unique(labels)) == 2
+    nan = float("nan")
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    if not (labels == 1).any():
+        precision = recall = f1 = nan
     return {
-        "image_auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
-        "image_aupr": float(average_precision_score(labels, scores)) if both else float("nan"),
+        "image_auroc": float(roc_auc_score(labels, scores)) if both else nan,
+        "image_aupr": float(average_precision_score(labels, scores)) if both else nan,
         "precision": precision,
         "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "f1": f1,
         "accuracy": float(np.mean(pred == (labels == 1))),
         "threshold": float(threshold),
     }
