@@ -446,6 +446,20 @@ def models_list(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
+def _loadable(settings: Any) -> Callable[[int], None]:
+    """The check run before the champion alias moves: a version that cannot load leaves it where it is."""
+    from cellscan.mlops import registry
+
+    def check(v: int) -> None:
+        try:
+            registry.load_model(v, settings)
+        except Exception as exc:
+            msg = f"version {v} cannot be loaded ({type(exc).__name__}: {exc}); the champion is unchanged"
+            raise RegistryError(msg) from None
+
+    return check
+
+
 @models_app.command("promote")
 @_boundary
 def models_promote(
@@ -455,7 +469,7 @@ def models_promote(
     from cellscan.mlops import registry
 
     settings = _store_settings()
-    prev = registry.promote(settings, version, "manual promotion")
+    prev = registry.promote(settings, version, "manual promotion", ready=_loadable(settings))
     out.print(f"champion: version {prev} -> {registry.champion_version(settings)}")
 
 
@@ -469,15 +483,7 @@ def models_rollback(
 
     settings = _store_settings()
     before = registry.champion_version(settings)
-
-    def loadable(v: int) -> None:  # checked before the alias moves: a broken version leaves it where it is
-        try:
-            registry.load_model(v, settings)
-        except Exception as exc:
-            msg = f"version {v} cannot be loaded ({type(exc).__name__}: {exc}); the champion is unchanged"
-            raise RegistryError(msg) from None
-
-    v = registry.rollback(settings, version, ready=loadable)
+    v = registry.rollback(settings, version, ready=_loadable(settings))
     out.print(f"champion is now version {v}")
     if before is not None and v > before:  # allowed (back to a newer version after a rollback), but said
         console.print(f"[yellow]note[/yellow]: version {v} is newer than the champion it replaced ({before}): "

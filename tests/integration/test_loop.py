@@ -142,6 +142,10 @@ def test_rollback_after_an_alias_move_made_outside_cellscan(project, settings):
     assert "cannot be loaded" in res.output, res.output
     assert "champion is unchanged" in res.output, res.output
     assert registry.champion_version(settings) == 1
+    res = _cli(settings, "models", "promote", str(broken.version))  # promote checks the same
+    assert res.exit_code == 1, res.output
+    assert "cannot be loaded" in res.output, res.output
+    assert registry.champion_version(settings) == 1
 
 
 def test_training_that_fails_midway_leaves_the_champion(project, settings, monkeypatch):

@@ -207,13 +207,17 @@ def _set_champion(mc: MlflowClient, name: str, version: int, how: str) -> int | 
     return previous
 
 
-def promote(settings: Settings, version: int | str, reason: str = "manual") -> int | None:
-    """Make ``version`` (a number, an alias or models:/ reference) the champion; returns the previous one."""
+def promote(settings: Settings, version: int | str, reason: str = "manual",
+            ready: Callable[[int], object] | None = None) -> int | None:
+    """Make ``version`` (a number, an alias or models:/ reference) the champion; returns the previous one.
+    ``ready(version)`` runs first, as for :func:`rollback`: where it raises, nothing is written."""
     mc = client(settings)
     name = settings.model_name
     version = int(_resolve(mc, name, version).version)
     if _aliases(mc, name).get(CHAMPION) == version:
         return version
+    if ready is not None:
+        ready(version)
     mv = mc.get_model_version(name, str(version))
     if ROLLED_BACK_TAG in (mv.tags or {}):
         mc.delete_model_version_tag(name, str(version), ROLLED_BACK_TAG)
