@@ -562,3 +562,23 @@ def test_texture_view_keeps_its_scales_and_loads_views_saved_before_them():
     assert np.count_nonzero(read.components - np.diag(np.diag(read.components))) == 0  # per-feature scaling
     np.testing.assert_allclose(read.scores(odd), older.scores(odd), rtol=1e-6)
     assert read.scores(odd)[1] > read.scores(odd)[0]
+
+
+def test_training_without_validation_normals_stops_before_fitting(tmp_path, monkeypatch):
+    import cellscan.core.train as train_mod
+    from cellscan.core.config import Params
+    from cellscan.core.images import save_png
+    from cellscan.errors import DatasetError
+
+    (tmp_path / "training").mkdir()
+    (tmp_path / "validation").mkdir()  # present but empty
+    for i in range(4):
+        save_png(np.full((32, 32), 0.1 * i, np.float32), tmp_path / "training" / f"{i}.png")
+
+    def no_fit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        msg = "trained although the run could not end well"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(train_mod, "fit_model", no_fit)
+    with pytest.raises(DatasetError, match="no validation normals"):
+        train_mod.train(Params(), tmp_path)

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from cellscan.core.bundle import CellscanModel
 
 
+def require_validation(dataset: Dataset) -> None:
+    """Raise DatasetError when ``dataset`` has no validation normals (the threshold and metrics need them)."""
+    if not dataset.validation:
+        msg = (f"{dataset.root}: no validation normals to evaluate on "
+               "(expected images in test/good or validation/)")
+        raise DatasetError(msg)
+
+
 def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """Image-level metrics; AUROC and AUPR are NaN when only one class is present, and precision, recall
     and F1 when there is no anomaly (without one they measure nothing: a gate comparing F1 0 with F1 0
@@ -149,10 +157,8 @@ def evaluate_model(
     Raises:
         DatasetError: the dataset has no validation normals.
     """
+    require_validation(dataset)
     samples = dataset.evaluation
-    if not dataset.validation:
-        msg = f"{dataset.root}: no validation normals to evaluate on (expected images in test/good or validation/)"
-        raise DatasetError(msg)
     size, chans = model.shape, model.channels
     x = load_batch([s.path for s in samples], size=size, channels=chans, max_pixels=max_pixels)
     res = model.score_arrays(x)

@@ -18,7 +18,7 @@ from cellscan.core.bundle import MODEL_FILE, CellscanModel, check_replaceable
 from cellscan.core.augment import augment, random_crop, simulate_anomaly
 from cellscan.core.config import Params
 from cellscan.core.data import Dataset, load_dataset
-from cellscan.core.evaluate import Evaluation, evaluate_model
+from cellscan.core.evaluate import Evaluation, evaluate_model, require_validation
 from cellscan.core.images import image_shape, load_batch
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def train(
     if out_dir is not None:  # before minutes of training, not after
         check_replaceable(out_dir, (MODEL_FILE,), "model directory")
     dataset = data if isinstance(data, Dataset) else load_dataset(data or params.data.root)
+    require_validation(dataset)  # before minutes of training, not after
     t0 = time.perf_counter()
     model, history = fit_model(params, dataset, callbacks=callbacks, init_from=init_from, verbose=verbose)
     seconds = time.perf_counter() - t0
