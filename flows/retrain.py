@@ -13,8 +13,8 @@ from flows.common import context, data_root, main, train_and_register, version_d
 
 
 @task(name="intake-temp", cache_policy=NO_CACHE)
-def intake(root: Any) -> int:
-    return len(pipeline.intake_temp(root))
+def intake(root: Any) -> list[Any]:
+    return pipeline.intake_temp(root)
 
 
 @task(name="load-champion", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
@@ -33,15 +33,26 @@ def retrain_flow(
     root, params, settings = context(project, params_path, overrides)
     with pipeline.training_lock(root):
         droot = data_root(root, params)
-        moved = intake(droot)
+        taken = intake(droot)
+        moved = len(taken)
         if moved == 0 and require_new_images:
             print("no new images in temp/: nothing to retrain")
             return {"moved": 0, "skipped": True, "version": None, "promoted": False,
                     "reason": "no new images in temp/", "new_validation_error": None, "new_anomaly_error": None}
-        data = version_data(root)
-        init = champion(settings, params)
-        p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
-        result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init)
+        try:
+            data = version_data(root)
+            init = champion(settings, params)
+            p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
+            result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init)
+        except BaseException:  # the new images wait in temp/ for the next retraining, not half-taken
+            if taken:
+                back = pipeline.return_to_temp(droot, taken)
+                print(f"retrain failed: {len(back)} images went back to temp/")
+                try:
+                    pipeline.version_data(root)  # the recorded data version matches the folders again
+                except Exception as exc:
+                    print(f"the data version could not be recorded again ({type(exc).__name__}: {exc})")
+            raise
     out = {"moved": moved, "version": reg.version, "run_id": reg.run_id, "run_name": run.name,
            "data_hash": data.hash,
            "new_validation_error": result.evaluation.metrics["validation_error"],

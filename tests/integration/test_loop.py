@@ -208,6 +208,41 @@ def test_retrain_takes_temp_images_as_a_new_data_version(project, settings):
     assert len(list(train_dir.glob("*.png"))) == n_train + 2
 
 
+def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, monkeypatch):
+    _train(project)
+    first_hash = data_hash(project)
+    train_dir = project / "data/cells/train/good"
+    temp = project / "data/cells/temp"
+    temp.mkdir()
+    names = []
+    for p in sorted(train_dir.glob("*.png"))[:2]:
+        names.append(f"scan_{p.name}")
+        shutil.copy(p, temp / names[-1])
+    n_train = len(list(train_dir.glob("*.png")))
+
+    import cellscan.core.train as train_mod
+
+    def crash(*a, **k):  # type: ignore[no-untyped-def]
+        msg = "simulated crash during retraining"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(train_mod, "fit_model", crash)
+    from flows.retrain import retrain_flow
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        retrain_flow(project=str(project), overrides={"retrain.epochs": 1})
+    assert sorted(p.name for p in temp.glob("*.png")) == sorted(names)  # back, under their own names
+    assert len(list(train_dir.glob("*.png"))) == n_train
+    from cellscan.mlops.versioning import dvc
+
+    status = dvc("status", "data.dvc", cwd=project).stdout  # the recorded data version matches the folders
+    assert "changed" not in status, status
+    assert "up to date" in status, status
+    assert data_hash(project) != first_hash  # it holds the two images waiting in temp/
+    assert registry.champion_version(settings) == 1
+    assert [r["version"] for r in registry.list_versions(settings)] == [1]
+
+
 def test_evaluate_threshold_flow_makes_a_new_version(project, settings):
     _train(project)
     old = registry.list_versions(settings)[0]

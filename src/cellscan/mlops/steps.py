@@ -164,6 +164,26 @@ def intake_temp(data_root: Path) -> list[Path]:
     return moved
 
 
+def return_to_temp(data_root: Path, moved: list[Path]) -> list[Path]:
+    """Undo :func:`intake_temp` after a run that failed: each moved image goes back to ``temp/`` under
+    the name it came with (a new unique name where that is taken meanwhile); returns where they are."""
+    ds = load_dataset(data_root)
+    temp = data_root / folder_for(ds.layout, "temp")
+    temp.mkdir(parents=True, exist_ok=True)
+    back = []
+    for path in moved:
+        if not path.is_file():
+            continue
+        parts = path.name.split("_", 3)  # new, stamp, index, the original name
+        target = temp / (parts[3] if len(parts) == 4 and parts[0] == "new" else path.name)
+        if target.exists():
+            target = temp / path.name
+        shutil.move(path, target)
+        back.append(target)
+    logger.info("returned %d images to %s", len(back), temp)
+    return back
+
+
 def add_images(data_root: Path, role: str, files: list[tuple[str, bytes]], defect: str = "anomaly") -> list[Path]:
     """Store encoded images under a role's folder (``temp`` for new normals, ``anomaly`` for defects).
 
