@@ -69,8 +69,11 @@ def gate(settings: Settings, registered: pipeline.Registered, params: Params, dr
 
 
 def train_and_register(settings: Settings, root: Path, params: Params, data: pipeline.DataVersion, kind: str,
-                       init_from: Any = None) -> tuple[Any, pipeline.Registered, dict[str, Any], Any]:
-    """The body both training flows share: one MLflow run spans train -> register -> gate."""
+                       init_from: Any = None, progress: dict[str, Any] | None = None,
+                       ) -> tuple[Any, pipeline.Registered, dict[str, Any], Any]:
+    """The body both training flows share: one MLflow run spans train -> register -> gate. ``progress``
+    gets ``registered`` as soon as a version exists: a caller that undoes its work after a failure keeps
+    it once a version was made from it."""
     droot = data_root(root, params)
     run = open_run(settings, kind, params, data, root, droot)
     ok = False
@@ -79,6 +82,8 @@ def train_and_register(settings: Settings, root: Path, params: Params, data: pip
             bundle = Path(tmp) / "bundle"
             result = train_model(settings, run, params, droot, bundle, init_from)
             reg = register(settings, run, result, bundle)
+            if progress is not None:
+                progress["registered"] = reg.version
         decision = gate(settings, reg, params, droot)
         ok = True
     finally:

@@ -39,17 +39,19 @@ def retrain_flow(
             print("no new images in temp/: nothing to retrain")
             return {"moved": 0, "skipped": True, "version": None, "promoted": False,
                     "reason": "no new images in temp/", "new_validation_error": None, "new_anomaly_error": None}
+        progress: dict[str, Any] = {}
         try:
             data = version_data(root)
             init = champion(settings, params)
             p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
-            result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init)
+            result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init,
+                                                            progress)
         except BaseException:  # the new images wait in temp/ for the next retraining, not half-taken
-            if taken:
+            if taken and "registered" not in progress:  # once a version was made from them, they stay
                 back = pipeline.return_to_temp(droot, taken)
                 print(f"retrain failed: {len(back)} images went back to temp/")
-                try:
-                    pipeline.version_data(root)  # the recorded data version matches the folders again
+                try:  # the recorded data version matches the folders again (locally: a push may fail again)
+                    pipeline.version_data(root, push=False)
                 except Exception as exc:
                     print(f"the data version could not be recorded again ({type(exc).__name__}: {exc})")
             raise

@@ -242,6 +242,21 @@ def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, mo
     assert registry.champion_version(settings) == 1
     assert [r["version"] for r in registry.list_versions(settings)] == [1]
 
+    # Once a version was made from them, a later failure (here in the gate) leaves them in training.
+    monkeypatch.undo()
+    from cellscan.mlops import steps
+
+    def gate_fails(*a, **k):  # type: ignore[no-untyped-def]
+        msg = "simulated gate failure"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(steps, "gate", gate_fails)
+    with pytest.raises(RuntimeError, match="simulated gate failure"):
+        retrain_flow(project=str(project), overrides={"retrain.epochs": 1})
+    assert not list(temp.glob("*.png"))
+    assert len(list(train_dir.glob("*.png"))) == n_train + 2
+    assert max(r["version"] for r in registry.list_versions(settings)) == 2  # a version was made
+
 
 def test_evaluate_threshold_flow_makes_a_new_version(project, settings):
     _train(project)

@@ -156,10 +156,14 @@ def intake_temp(data_root: Path) -> list[Path]:
     dest = data_root / folder_for(ds.layout, "train")
     moved = []
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    for i, src in enumerate(ds.temp):
-        target = dest / f"new_{stamp}_{i:04d}_{src.name}"
-        shutil.move(src, target)
-        moved.append(target)
+    try:
+        for i, src in enumerate(ds.temp):
+            target = dest / f"new_{stamp}_{i:04d}_{src.name}"
+            shutil.move(src, target)
+            moved.append(target)
+    except BaseException:  # all or none: what moved goes back
+        return_to_temp(data_root, moved)
+        raise
     logger.info("moved %d images from temp/ into %s", len(moved), dest)
     return moved
 
