@@ -222,6 +222,8 @@ def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, mo
 
     import cellscan.core.train as train_mod
 
+    real_fit = train_mod.fit_model
+
     def crash(*a, **k):  # type: ignore[no-untyped-def]
         msg = "simulated crash during retraining"
         raise RuntimeError(msg)
@@ -243,7 +245,7 @@ def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, mo
     assert [r["version"] for r in registry.list_versions(settings)] == [1]
 
     # Once a version was made from them, a later failure (here in the gate) leaves them in training.
-    monkeypatch.undo()
+    monkeypatch.setattr(train_mod, "fit_model", real_fit)  # not monkeypatch.undo(): that restores the env too
     from cellscan.mlops import steps
 
     def gate_fails(*a, **k):  # type: ignore[no-untyped-def]
