@@ -139,3 +139,32 @@ def test_restore_into_brings_back_an_old_data_version_beside_the_project(tmp_pat
     shutil.rmtree(project / ".dvc" / "cache")
     assert versioning.restore_into(project, old_dvc, tmp_path / "work2") == old
     assert (tmp_path / "work2" / "data" / "cells" / "a.txt").read_text() == "a"
+
+
+def test_a_store_that_does_not_answer_is_not_read_as_an_empty_registry(tmp_path, monkeypatch):
+    """champion_version None means "no champion": a gate would then promote without comparing, and a
+    rollback would say there is nothing to go back to. A server that does not answer is MLflow's error."""
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    settings = Settings.from_env(tmp_path, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    for call in (registry.champion_version, registry.rollback, registry.previous_champion,
+                 lambda s: registry.load_model(registry.CHAMPION, s), lambda s: registry.promote(s, 1)):
+        with pytest.raises(MlflowException, match=f"127.0.0.1:{port}"):
+            call(settings)
+
+
+def test_an_empty_store_still_reads_as_no_champion(store, trained, model_dir):
+    run = tracking.open_run(store, "train")
+    tracking.log_and_register(store, run, model_dir)
+    tracking.close_run(store, run)
+    assert registry.champion_version(store) is None
+    with pytest.raises(RegistryError, match="has no version or alias 'champion'"):
+        registry.load_model(registry.CHAMPION, store)
+    with pytest.raises(RegistryError, match="no version or alias 7"):
+        registry.promote(store, 7)

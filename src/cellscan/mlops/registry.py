@@ -40,12 +40,23 @@ __all__ = ["CHAMPION", "CHALLENGER", "client", "load_model", "champion_version",
 
 
 # -- references -------------------------------------------------------------------------------
+# What a store answers for a model, version or alias it does not hold (sqlite and REST alike); any other
+# MlflowException (a server that does not answer, a database error) goes to the caller as it is.
+_ABSENT_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def _absent(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in _ABSENT_CODES
+
+
 def _aliases(mc: MlflowClient, name: str) -> dict[str, int]:
     from mlflow.exceptions import MlflowException
 
     try:
         rm = mc.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _absent(exc):  # an unreachable store is not "no champion" (the gate would promote blind)
+            raise
         return {}
     return {alias: int(v) for alias, v in (rm.aliases or {}).items()}
 
@@ -66,7 +77,9 @@ def _resolve(mc: MlflowClient, name: str, ref: int | str) -> Any:
         if isinstance(ref, int) or str(ref).isdigit():
             return mc.get_model_version(name, str(ref))
         return mc.get_model_version_by_alias(name, str(ref))
-    except MlflowException:
+    except MlflowException as exc:
+        if not _absent(exc):  # MLflow down or failing: its own error, not "no such version"
+            raise
         msg = f"model {name!r} has no version or alias {ref!r}"
         raise RegistryError(msg) from None
 
