@@ -61,3 +61,25 @@ def test_overrides_are_checked_again():
 def test_flat_names_every_param():
     flat = Params().flat()
     assert flat["base.seed"] == 42 and "score.topk" in flat
+
+
+@pytest.mark.parametrize(("cron", "needle"), [
+    ("0 25 * * *", "the hour field within 0-23, got '25'"),
+    ("0 2 * *", "5 fields"),
+    ("*/0 * * * *", "a step of 1 or more in the minute field"),
+    ("0 2 * 13 *", "the month field within 1-12"),
+    ("0 2 * * fri-sun8", "the weekday field within 0-7"),
+])
+def test_a_cron_schedule_prefect_would_refuse_is_refused_when_params_are_read(tmp_path, cron, needle):
+    f = tmp_path / "params.yaml"
+    f.write_text(f"retrain:\n  cron: '{cron}'\n")
+    with pytest.raises(ConfigError, match=f"retrain.cron must be a cron expression with {needle}"):
+        load_params(f)
+
+
+@pytest.mark.parametrize("cron", ["0 2 * * *", "*/15 6-18 * * mon-fri", "0 0 1,15 jan-jun ?", "30 4 * * 7",
+                                  "1-5/2 * * dec-jan *"])
+def test_cron_schedules_prefect_takes_are_taken(tmp_path, cron):
+    f = tmp_path / "params.yaml"
+    f.write_text(f"retrain:\n  cron: '{cron}'\n")
+    assert load_params(f).retrain.cron == cron

@@ -31,6 +31,39 @@ def _check(cond: bool, key: str, expected: str, got: object) -> None:
         raise ConfigError(msg)
 
 
+# A 5-field cron expression as Prefect's schedules take it: each field a list of *, a number, a range or
+# either with a /step; names for months and weekdays; within each field's range (weekday 7 is Sunday too).
+# Checked here so that a wrong one is said when params.yaml is read, not when deployments are made.
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("weekday", 0, 7))
+_CRON_NAMES = {3: "jan feb mar apr may jun jul aug sep oct nov dec".split(),
+               4: "sun mon tue wed thu fri sat".split()}
+
+
+def cron_problem(expr: str) -> str | None:
+    """What is wrong with the cron expression ``expr``, or None where Prefect would accept it."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return f"5 fields (minute hour day-of-month month weekday), got {len(fields)}"
+    for i, (field_, (what, lo, hi)) in enumerate(zip(fields, _CRON_FIELDS, strict=True)):
+        names = _CRON_NAMES.get(i, [])
+
+        def value(tok: str, names: list[str] = names, lo: int = lo) -> int | None:
+            if tok.lower() in names:
+                return names.index(tok.lower()) + (lo if len(names) == 12 else 0)
+            return int(tok) if tok.isdigit() else None
+
+        for item in field_.split(","):
+            rng, _, step = item.partition("/")
+            if step and (not step.isdigit() or int(step) == 0):
+                return f"a step of 1 or more in the {what} field, got {item!r}"
+            any_ = rng == "*" or (rng == "?" and i in (2, 4))  # ? : any day, as croniter reads it
+            ends = [lo, hi] if any_ else [value(t) for t in rng.split("-", 1)]  # dec-jan wraps round there
+            if any(v is None for v in ends) or not all(lo <= v <= hi for v in ends if v is not None):
+                return f"the {what} field within {lo}-{hi}, got {item!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class BaseParams:
     seed: int = 42
@@ -223,7 +256,8 @@ class RetrainParams:
     def __post_init__(self) -> None:
         _check(self.mode in ("finetune", "fresh"), "retrain.mode", "finetune or fresh", self.mode)
         _check(1 <= self.epochs <= 10_000, "retrain.epochs", "between 1 and 10000", self.epochs)
-        _check(len(self.cron.split()) == 5, "retrain.cron", "a 5-field cron expression", self.cron)
+        problem = cron_problem(self.cron)
+        _check(problem is None, "retrain.cron", f"a cron expression with {problem}", self.cron)
 
 
 @dataclass(frozen=True)
