@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -17,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from cellscan.mlops import steps as pipeline
 from cellscan.mlops import watchdog
 from cellscan.core.config import Params, load_params
-from cellscan.errors import CellscanError
+from cellscan.errors import describe
+from cellscan.files import write_atomic
 from cellscan.settings import Settings, setup_offline
 
 
@@ -93,18 +93,7 @@ def train_and_register(settings: Settings, root: Path, params: Params, data: pip
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:
     """Write a flow's returned dict as JSON, atomically (a temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(result, indent=2, default=str))
 
 
 def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[str] | None = None) -> int:
@@ -124,9 +113,12 @@ def main(flow_fn: Callable[..., dict[str, Any]], description: str, argv: list[st
             result = run(project=args.project, params_path=args.params)
         finally:
             dog.close()
-    except CellscanError as exc:  # the flow run is marked failed with its log; the shell gets one line
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        if args.result:
+            write_result(args.result, result)
+    except Exception as exc:  # the flow run is marked failed with its log; the shell gets one line
+        said = describe(exc)  # cellscan's, MLflow's (a server that does not answer) and the system's errors
+        if said is None:
+            raise
+        print(f"{said[0]}: {said[1]}", file=sys.stderr)
         return 1
-    if args.result:
-        write_result(args.result, result)
     return 0

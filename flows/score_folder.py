@@ -10,16 +10,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from cellscan.core.data import folder_images
-from cellscan.errors import CellscanError
-from cellscan.mlops import batchscore
+from cellscan.errors import describe
+from cellscan.mlops import batchscore, versioning
 from flows.common import context
 
 
 @task(name="dvc-pull", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
 def dvc_pull(root: Path, target: str) -> None:
-    import subprocess
-
-    subprocess.run(["dvc", "pull", "-q", target], cwd=root, check=True)
+    versioning.dvc("pull", target, cwd=root)  # DVC's reason in a VersioningError (-q would keep it back)
 
 
 @task(name="score-folder", cache_policy=NO_CACHE)
@@ -75,11 +73,16 @@ if __name__ == "__main__":
     a = ap.parse_args()
     setup_offline()
     try:
-        if not a.dvc_target:  # a wrong folder is said at once, before a flow run starts
-            target = Path(a.folder) if Path(a.folder).is_absolute() else Path(a.project).resolve() / a.folder
-            folder_images(target, must_hold_images=True)
+        root = Path(a.project).resolve()
+        if not a.dvc_target:  # a wrong folder or output is said at once, before a flow run starts
+            folder = Path(a.folder) if Path(a.folder).is_absolute() else root / a.folder
+            folder_images(folder, must_hold_images=True)
+        batchscore.check_out_dir(Path(a.out) if Path(a.out).is_absolute() else root / a.out)
         res = score_folder_flow(a.folder, a.out, a.project, model=a.model, dvc_target=a.dvc_target)
-    except CellscanError as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        raise SystemExit(msg) from None
+    except Exception as exc:  # as flows.common.main: one line for the errors a user can act on
+        said = describe(exc)
+        if said is None:
+            raise
+        line = f"{said[0]}: {said[1]}"
+        raise SystemExit(line) from None
     raise SystemExit(1 if res["failed"] else 0)  # as `cellscan client predict`: rows with errors are a failure

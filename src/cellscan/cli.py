@@ -20,7 +20,8 @@ from rich.table import Table
 
 from cellscan.core.config import load_params, parse_overrides
 from cellscan.settings import setup_offline
-from cellscan.errors import CellscanError, ConfigError, DatasetError, RegistryError
+from cellscan.errors import CellscanError, ConfigError, DatasetError, RegistryError, describe
+from cellscan.files import swap_in
 
 app = typer.Typer(help="cellscan: anomaly detection for CT/X-ray scans of battery cells.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -37,24 +38,17 @@ ModelOpt = Annotated[
 
 
 def _boundary(fn: F) -> F:
-    """Turn cellscan errors into one line on stderr and exit code 1."""
+    """Turn cellscan's, MLflow's and the system's errors into one line and exit code 1 (:func:`describe`)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except CellscanError as exc:
-            console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
         except Exception as exc:
-            if type(exc).__module__.split(".")[0] != "mlflow":
+            said = describe(exc)  # cellscan's, MLflow's and the system's errors; anything else is a bug
+            if said is None:
                 raise
-            import os
-
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            uri = os.environ.get("MLFLOW_TRACKING_URI", "the local store")
-            console.print(f"[red]TrackingError[/red]: MLflow ({uri}) failed: {first}", highlight=False,
-                          soft_wrap=True)
+            console.print(f"[red]{said[0]}[/red]: {said[1]}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -174,11 +168,7 @@ def synth(
                 n_per_defect=s.n_per_defect, seed=p.base.seed, bit_depth=s.bit_depth,
             )
         if replace:
-            old = root.with_name(f".{root.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            root.rename(old)
-            target.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_in(target, root)
     except OSError as exc:
         if replace:
             shutil.rmtree(target, ignore_errors=True)

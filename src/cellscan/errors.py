@@ -16,10 +16,13 @@ Hierarchy::
         └── BusyError     too many trainings are pending (HTTP 429)
 
 Library code raises these; only the boundaries (CLI, service, flows) catch them. The ones a client
-can cause (ImageError, ConfigError, FetchError) are also ValueErrors.
+can cause (ImageError, ConfigError, FetchError) are also ValueErrors. :func:`describe` is the one line a
+command-line boundary prints for them, for MLflow's errors and for the operating system's.
 """
 
 from __future__ import annotations
+
+import os
 
 
 class CellscanError(Exception):
@@ -68,3 +71,22 @@ class JobError(CellscanError):
 
 class BusyError(JobError):
     """Too many trainings are already waiting (the service answers 429)."""
+
+
+def describe(exc: BaseException) -> tuple[str, str] | None:
+    """(kind, message) for an error a command should say in one line, or None for a bug (its traceback helps).
+
+    cellscan's own errors; MLflow's (a tracking server that does not answer, a store that fails: said with
+    ``MLFLOW_TRACKING_URI`` and the first line of MLflow's message, not its retries' traceback); the
+    operating system's (a full disk, a path that is a file, a permission).
+    """
+    if isinstance(exc, CellscanError):
+        return type(exc).__name__, str(exc)
+    if type(exc).__module__.split(".")[0] == "mlflow":
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "the local store")
+        return "TrackingError", f"MLflow ({uri}) failed: {first}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return type(exc).__name__, f"{exc.strerror or exc}{where}"
+    return None

@@ -30,6 +30,7 @@ import numpy as np
 from cellscan import __version__
 from cellscan.core.config import ScoreParams
 from cellscan.errors import CellscanError, ImageError, ModelError
+from cellscan.files import swap_in
 from cellscan.core.images import decode_image, load_image, resize
 from cellscan.core.augment import simulate_ct_defect, simulate_warp
 from cellscan.core.scoring import (VIEWS, GlobalView, MapStats, PatchView, TextureView, aggregate,
@@ -393,14 +394,7 @@ class CellscanModel:
                 np.savez(tmp / PATCH_FILE, **self.patch_view.to_arrays())
             if self.texture_view is not None:
                 np.savez(tmp / TEXTURE_FILE, **self.texture_view.to_arrays())
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}-old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
+            swap_in(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import itertools
 import json
 import logging
@@ -27,7 +28,8 @@ import numpy as np
 
 from cellscan.core.data import folder_images
 from cellscan.core.images import iter_file_pages
-from cellscan.errors import CellscanError
+from cellscan.errors import CellscanError, ConfigError
+from cellscan.files import write_atomic
 from cellscan.mlops import registry
 from cellscan.mlops.monitor.batches import batch_metrics, summarise, write_metrics
 from cellscan.mlops.monitor.descriptors import embed
@@ -40,11 +42,19 @@ FIELDS = ["image", "status", "is_anomaly", "anomaly_score", "reconstruction_erro
           "error"]
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output path that is a file (results.csv and summary.html go in a folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        msg = f"{out_dir} is a file; expected a folder for results.csv and summary.html"
+        raise ConfigError(msg)
+
+
 def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str = "champion",
                  chunk: int = 32, log: bool = True, max_heatmaps: int = 50) -> dict[str, Any]:
     """Score every image under ``folder`` with ``ref``; write the output folder; returns the batch metrics."""
     from cellscan.core.plots import overlay_png
 
+    check_out_dir(out_dir)  # said before minutes of scoring, not after
     model, version = registry.load_model(ref, settings)
     entries = iter_file_pages(folder_images(folder, must_hold_images=True))
     plog = PredictionLog.from_settings(settings) if log and settings.prediction_log else None
@@ -85,13 +95,14 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
             items = []
     seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out_dir / "results.csv", table.getvalue())  # an earlier batch's stays whole until replaced
     metrics = summarise(rows, seconds, batch_id)
     write_metrics(out_dir, metrics)
-    (out_dir / "summary.html").write_text(summary_html(folder, version, metrics, flagged))
+    write_atomic(out_dir / "summary.html", summary_html(folder, version, metrics, flagged))
     logger.info("scored %d images of %s with version %s: %d anomalies", len(rows), folder, version, metrics["anomaly"])
     return metrics | {"model_version": version, "out_dir": str(out_dir), "errors": metrics["failed"]}
 

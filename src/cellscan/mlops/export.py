@@ -33,6 +33,7 @@ from cellscan.core.bundle import MODEL_FILE, CellscanModel, ScoreResult, check_r
 from cellscan.core.scoring import maps_key
 from cellscan.edge import EXPORT_INFO, MODEL_FILES, PARITY_FILE, load_export, read_info
 from cellscan.errors import ConfigError, DatasetError, ModelError, ParityError
+from cellscan.files import swap_in
 from cellscan.mlops import maps_onnx
 
 if TYPE_CHECKING:
@@ -259,9 +260,7 @@ def export_model(
             msg = (f"{name} export refused: {report['reason']} (max score diff {report['max_score_diff']:.3g}, "
                    f"max map diff {report['max_abs_map_diff']:.3g}; figures in {refused})")
             raise ParityError(msg)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        swap_in(work, out_dir)  # the earlier export stays whole until this one is in place
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -35,7 +35,10 @@ def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     env = os.environ | {"DVC_NO_ANALYTICS": "1"}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if check and res.returncode != 0:
-        msg = f"`{' '.join(cmd[:3])} ...` failed in {cwd}: {(res.stderr or res.stdout).strip()[-800:]}"
+        said = (res.stderr or res.stdout).strip()
+        errors = [line for line in said.splitlines() if line.startswith("ERROR")]  # DVC's reason, no warnings
+        reason = "; ".join(errors) or said or f"exit code {res.returncode}"
+        msg = f"`{' '.join([Path(cmd[0]).name, *cmd[1:]])[:200]}` failed in {cwd}: {reason[-800:]}"
         raise VersioningError(msg)
     return res
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cellscan.files import write_atomic
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -69,5 +71,5 @@ def summarise(rows: list[dict[str, Any]], seconds: float, key: str) -> dict[str,
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
     """metrics.json and metrics.prom next to results.csv."""
     strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(strict, indent=2, allow_nan=False))  # NaN is not JSON: null
-    (out_dir / "metrics.prom").write_text(prometheus_text([metrics]))
+    write_atomic(out_dir / "metrics.json", json.dumps(strict, indent=2, allow_nan=False))  # NaN: null
+    write_atomic(out_dir / "metrics.prom", prometheus_text([metrics]))

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cellscan.files import write_atomic
 from cellscan.mlops.monitor.descriptors import DESCRIPTORS, EMBEDDING, GEOMETRY
 
 if TYPE_CHECKING:
@@ -137,12 +137,6 @@ def _tests(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
-
-
 def save_report(snap: Any, result: DriftResult, folder: Path, extra: dict[str, Any] | None = None) -> DriftResult:
     """Write ``<stamp>.html`` and ``<stamp>.json`` (our summary + Evidently's), then ``latest.*``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,8 +146,8 @@ def save_report(snap: Any, result: DriftResult, folder: Path, extra: dict[str, A
     result.html, result.json = str(html), str(js)
     js.write_text(json.dumps({"summary": result.view(), **(extra or {}), "evidently": json.loads(snap.json())},
                              indent=1, default=str))
-    _atomic_copy(html, folder / LATEST_HTML)
-    _atomic_copy(js, folder / LATEST_JSON)
+    write_atomic(folder / LATEST_HTML, html.read_bytes())
+    write_atomic(folder / LATEST_JSON, js.read_bytes())
     return result
 
 
