@@ -24,7 +24,8 @@ from typing import Any
 
 from prefect import flow
 
-from cellscan.core.config import load_params
+from cellscan.core.config import cron_problem, load_params
+from cellscan.errors import ConfigError, describe
 from cellscan.mlops.monitor.check import DRIFT_EVENT, RATE_EVENT
 from cellscan.serve.jobs import EVALUATE_DEPLOYMENT, RETRAIN_DEPLOYMENT
 from cellscan.settings import setup_offline
@@ -53,6 +54,33 @@ def _deploy(entrypoint: str, name: str, pool: str, parameters: dict[str, Any], d
     return str(dep_id)
 
 
+def check_server(pool: str) -> str:
+    """The Prefect API deployments would go to, where it answers and holds ``pool``; else a ConfigError.
+    Without PREFECT_API_URL Prefect would deploy to a temporary server that is gone when this command ends."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    if not api:
+        msg = ("no Prefect server to deploy to: set PREFECT_API_URL to its API "
+               "(scripts/services.sh start runs one at http://127.0.0.1:4200/api)")
+        raise ConfigError(msg)
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_work_pool(pool)
+    except ObjectNotFound:
+        msg = (f"no work pool {pool!r} on the Prefect server at {api}: "
+               f"prefect work-pool create {pool} --type process")
+        raise ConfigError(msg) from None
+    except Exception as exc:  # httpx's ConnectError, a timeout: the server does not answer
+        if describe(exc) is not None:
+            raise
+        msg = f"the Prefect server at {api} does not answer ({type(exc).__name__}: {exc})"
+        raise ConfigError(msg) from None
+    return str(api)
+
+
 def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "scheduled-retrain",
            project: Path | str = REPO) -> dict[str, str]:
     """Create or update the deployments on ``pool``; returns their ids by full name."""
@@ -62,6 +90,10 @@ def deploy(pool: str = "cellscan", cron: str | None = None, name: str = "schedul
     project = str(Path(project).resolve())
     params = load_params(Path(project) / "params.yaml")
     cron = cron or params.retrain.cron
+    if problem := cron_problem(cron):
+        msg = f"--cron must be a cron expression with {problem}, got {cron!r}"
+        raise ConfigError(msg)
+    check_server(pool)  # before any deployment is made: all of them or none
     every = timedelta(minutes=params.monitor.interval_minutes)
     on_drift = DeploymentEventTrigger(
         name="retrain-on-drift", expect={DRIFT_EVENT, RATE_EVENT}, match={"prefect.resource.id": "cellscan.model.*"},
@@ -99,4 +131,11 @@ if __name__ == "__main__":
     ap.add_argument("--cron", default=None)
     ap.add_argument("--project", default=str(REPO), help="project folder the runs work on (default: the repo)")
     a = ap.parse_args()
-    deploy(a.pool, a.cron, project=a.project)
+    try:
+        deploy(a.pool, a.cron, project=a.project)
+    except Exception as exc:  # a missing server, pool or params file: one line, as the other flows say it
+        said = describe(exc)
+        if said is None:
+            raise
+        line = f"{said[0]}: {said[1]}"
+        raise SystemExit(line) from None

@@ -64,7 +64,7 @@ def test_flat_names_every_param():
 
 
 @pytest.mark.parametrize(("cron", "needle"), [
-    ("0 25 * * *", "the hour field within 0-23, got '25'"),
+    ("0 25 * * *", r"the hour field within 0-23 \('25' is not\), got '0 25 \* \* \*'"),
     ("0 2 * *", "5 fields"),
     ("*/0 * * * *", "a step of 1 or more in the minute field"),
     ("0 2 * 13 *", "the month field within 1-12"),

@@ -83,3 +83,19 @@ def test_a_dvc_pull_that_fails_is_dvcs_reason_in_one_line(tmp_path):
     assert said[-1].startswith("VersioningError: `dvc pull scans.dvc` failed in "), r.stderr[-2000:]
     assert "scans.dvc' does not exist" in said[-1]
     assert "CalledProcessError" not in r.stderr
+
+
+def test_deploy_says_in_one_line_that_there_is_no_server_to_deploy_to(tmp_path):
+    """Without PREFECT_API_URL Prefect would deploy to a temporary server, gone when the command ends."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path)}
+    port = _dead_port()
+    for env, needle in ((base, "ConfigError: no Prefect server to deploy to: set PREFECT_API_URL"),
+                        (base | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+                         f"ConfigError: the Prefect server at http://127.0.0.1:{port}/api does not answer")):
+        r = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(needle), r.stderr[-2000:]
+        assert "Traceback" not in r.stderr

@@ -44,7 +44,7 @@ def cron_problem(expr: str) -> str | None:
     """What is wrong with the cron expression ``expr``, or None where Prefect would accept it."""
     fields = expr.split()
     if len(fields) != 5:
-        return f"5 fields (minute hour day-of-month month weekday), got {len(fields)}"
+        return f"5 fields (minute hour day-of-month month weekday), not {len(fields)}"
     for i, (field_, (what, lo, hi)) in enumerate(zip(fields, _CRON_FIELDS, strict=True)):
         names = _CRON_NAMES.get(i, [])
 
@@ -56,11 +56,11 @@ def cron_problem(expr: str) -> str | None:
         for item in field_.split(","):
             rng, _, step = item.partition("/")
             if step and (not step.isdigit() or int(step) == 0):
-                return f"a step of 1 or more in the {what} field, got {item!r}"
+                return f"a step of 1 or more in the {what} field ({item!r} is not)"
             any_ = rng == "*" or (rng == "?" and i in (2, 4))  # ? : any day, as croniter reads it
             ends = [lo, hi] if any_ else [value(t) for t in rng.split("-", 1)]  # dec-jan wraps round there
             if any(v is None for v in ends) or not all(lo <= v <= hi for v in ends if v is not None):
-                return f"the {what} field within {lo}-{hi}, got {item!r}"
+                return f"the {what} field within {lo}-{hi} ({item!r} is not)"
     return None
 
 
