@@ -33,8 +33,8 @@ def data_root(project: Path, params: Params) -> Path:
 
 
 @task(name="version-data", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
-def version_data(project: Path) -> pipeline.DataVersion:
-    return pipeline.version_data(project)
+def version_data(project: Path, droot: Path) -> pipeline.DataVersion:
+    return pipeline.version_data(project, droot)
 
 
 @task(name="open-mlflow-run", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)

@@ -21,8 +21,9 @@ def evaluate_threshold_flow(project: str = ".", params_path: str = "params.yaml"
     """The original /anomaly semantics: new validation and anomaly errors, and a new threshold."""
     root, params, settings = context(project, params_path, None)
     with pipeline.training_lock(root):
-        data = version_data(root)
-        out = reevaluate(settings, params, data_root(root, params), data, root)
+        droot = data_root(root, params)
+        data = version_data(root, droot)
+        out = reevaluate(settings, params, droot, data, root)
     print(f"MLflow run {out['run_name']} ({out['run_id']}): threshold {out['previous_threshold']:.4g} -> "
           f"{out['threshold']:.4g}, registered version {out['version']}, promoted={out['promoted']} ({out['reason']})")
     return out

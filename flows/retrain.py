@@ -41,7 +41,7 @@ def retrain_flow(
                     "reason": "no new images in temp/", "new_validation_error": None, "new_anomaly_error": None}
         progress: dict[str, Any] = {}
         try:
-            data = version_data(root)
+            data = version_data(root, droot)
             init = champion(settings, params)
             p = replace(params, train=replace(params.train, epochs=params.retrain.epochs)) if init else params
             result, reg, decision, run = train_and_register(settings, root, p, data, "retrain", init,
@@ -51,7 +51,7 @@ def retrain_flow(
                 back = pipeline.return_to_temp(droot, taken)
                 print(f"retrain failed: {len(back)} images went back to temp/")
                 try:  # the recorded data version matches the folders again (locally: a push may fail again)
-                    pipeline.version_data(root, push=False)
+                    pipeline.version_data(root, droot, push=False)
                 except Exception as exc:
                     print(f"the data version could not be recorded again ({type(exc).__name__}: {exc})")
             raise

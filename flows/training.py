@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from cellscan.mlops import steps as pipeline
-from flows.common import context, main, train_and_register, version_data
+from flows.common import context, data_root, main, train_and_register, version_data
 
 
 @flow(name="train-autoencoder", log_prints=True)
@@ -19,7 +19,7 @@ def train_flow(
     """Train a new version on the current data and promote it if it passes the gate."""
     root, params, settings = context(project, params_path, overrides)
     with pipeline.training_lock(root):
-        data = version_data(root)
+        data = version_data(root, data_root(root, params))
         _, reg, decision, run = train_and_register(settings, root, params, data, "train")
     summary = {"version": reg.version, "run_id": reg.run_id, "run_name": run.name, "data_hash": data.hash,
                "new_validation_error": reg.metrics.get("validation_error"),

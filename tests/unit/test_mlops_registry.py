@@ -168,3 +168,23 @@ def test_an_empty_store_still_reads_as_no_champion(store, trained, model_dir):
         registry.load_model(registry.CHAMPION, store)
     with pytest.raises(RegistryError, match="no version or alias 7"):
         registry.promote(store, 7)
+
+
+def test_data_outside_the_versioned_folder_is_recorded_as_unversioned_not_as_another(tmp_path, caplog):
+    from cellscan.mlops import versioning
+    from cellscan.mlops.steps import version_data
+
+    project = tmp_path / "proj"
+    (project / "data" / "cells").mkdir(parents=True)
+    (project / "data" / "cells" / "a.txt").write_text("a")
+    (tmp_path / "nas" / "scans").mkdir(parents=True)
+    versioning.init_repo(project, tmp_path / "remote")
+    inside = version_data(project, project / "data" / "cells", push=False)
+    assert inside.hash is not None
+    assert inside.hash == versioning.data_hash(project)
+    (project / "data" / "cells" / "b.txt").write_text("b")  # in the folder DVC versions, not trained on
+    for elsewhere in (tmp_path / "nas" / "scans", project / "scans", project / "data-2"):
+        got = version_data(project, elsewhere, push=False)
+        assert (got.hash, got.dvc_file) == (None, None), elsewhere
+        assert f"data.root {elsewhere} lies outside {project / 'data'}" in caplog.text
+    assert versioning.data_hash(project) == inside.hash  # nothing recorded for those runs

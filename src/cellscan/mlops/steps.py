@@ -32,10 +32,18 @@ class DataVersion:
     dvc_file: str | None
 
 
-def version_data(project: Path, target: str = "data", push: bool = True) -> DataVersion:
-    """Snapshot ``project/target`` with DVC when the project is a DVC repository."""
+def version_data(project: Path, data_root: Path | None = None, target: str = "data",
+                 push: bool = True) -> DataVersion:
+    """Snapshot ``project/target`` with DVC when the project is a DVC repository and ``data_root`` (the
+    images a run trains on) lies in it; else the run records no data version rather than one of others."""
     if not (project / ".dvc").is_dir():
         logger.warning("%s is not a DVC repository: data stays unversioned", project)
+        return DataVersion(None, None)
+    versioned = (project / target).resolve()
+    if data_root is not None and not data_root.resolve().is_relative_to(versioned):
+        logger.warning("data.root %s lies outside %s, the folder DVC versions (%s.dvc): this run's data "
+                       "stays unversioned; move the images under %s to version them", data_root, versioned,
+                       target, versioned)
         return DataVersion(None, None)
     h = versioning.snapshot(project, target, push=push)
     return DataVersion(h, (project / f"{target}.dvc").read_text())
@@ -131,8 +139,8 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
             logged = params_from_dict(trained_with)
         except Exception as exc:  # noqa: BLE001 (an older bundle: fall back to params.yaml)
             logger.warning("bundle params unreadable (%s): logging params.yaml instead", exc)
-    data = version_data(project)
     droot = data_root_of(project, params)
+    data = version_data(project, droot)
     run = open_run(settings, "register", logged, data, project, droot)
     ok = False
     try:
