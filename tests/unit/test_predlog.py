@@ -64,3 +64,25 @@ def test_a_batch_where_nothing_scored_writes_strict_json(tmp_path):
     write_metrics(tmp_path, m)
     body = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert body["mean_score"] is None and body["failed"] == 1 and body["scored"] == 0
+
+
+def test_edge_rows_do_not_push_the_services_own_predictions_out_of_the_drift_window(tmp_path):
+    """An edge device posting many results must not leave the monitor with no row it can compare."""
+    from cellscan.serve.edgelog import edge_rows
+
+    log = PredictionLog.from_settings(Settings.from_env(tmp_path, env={}))
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    now = time.time()
+    log.write([Item(_img(i), encode_png(_img(i)[..., 0]), rec, np.arange(EMBED_DIM, dtype=float), "upload",
+                    f"{i}.png", 3, 0.01, "b1", ts=now - 100 + i) for i in range(40)])
+    body = {"model_version": 3, "records": [{"image": f"e{i}.png", "anomaly_score": 0.2, "threshold": 1.0,
+                                             "is_anomaly": False, "time": now + i} for i in range(60)]}
+    rows, _ = edge_rows(body, now=now)
+    log.insert(rows)
+    mixed = log.frame(model_version=3, limit=50)
+    assert mixed["source"].tolist() == ["edge"] * 50  # the newest 50 rows of any source
+    own = log.frame(model_version=3, limit=50, with_pixels=True)
+    assert len(own) == 40
+    assert set(own["source"]) == {"upload"}
+    assert own[list(DESCRIPTORS)].notna().all().all()
+    assert own["emb_0"].notna().all()

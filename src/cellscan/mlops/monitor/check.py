@@ -37,8 +37,9 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     base = {"model_version": version, "pruned_image_days": pruned, "events": [], "report": None}
     if version is None:
         return base | {"status": "no champion"}
-    window = log.frame(model_version=version, limit=p.window)
-    current = with_pixels(window)  # edge devices' rows have no descriptors: batch metrics only
+    window = log.frame(model_version=version, limit=p.window)  # every source: the batch metrics
+    # the drift window: the newest rows with image descriptors (edge devices send a score and a verdict only)
+    current = with_pixels(log.frame(model_version=version, limit=p.window, with_pixels=True))
     if len(current) < p.min_samples:
         msg = f"{len(current)} predictions of version {version} with image descriptors, fewer than {p.min_samples}"
         return base | {"status": msg}

@@ -162,8 +162,12 @@ class PredictionLog:
 
     # -- reading ---------------------------------------------------------------------------
     def frame(self, model_version: int | None = None, since: float | None = None,
-              limit: int | None = None) -> pd.DataFrame:
-        """The newest rows (oldest first), embedding expanded into ``emb_0..``, descriptors without ``d_``."""
+              limit: int | None = None, with_pixels: bool = False) -> pd.DataFrame:
+        """The newest rows (oldest first), embedding expanded into ``emb_0..``, descriptors without ``d_``.
+
+        ``with_pixels``: only rows scored from pixels here (with descriptors and embedding), chosen before
+        ``limit`` is applied, so that edge devices' rows (a score and a verdict only) never fill the window.
+        """
         import pandas as pd
         from sqlalchemy import select
 
@@ -173,6 +177,8 @@ class PredictionLog:
             q = q.where(t.c.model_version == model_version)
         if since is not None:
             q = q.where(t.c.ts >= since)
+        if with_pixels:
+            q = q.where(t.c.embedding.is_not(None), *(t.c[f"d_{k}"].is_not(None) for k in DESCRIPTORS))
         if limit:
             q = q.limit(limit)
         with self.engine.connect() as conn:
