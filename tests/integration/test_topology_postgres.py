@@ -328,3 +328,6 @@ def test_the_whole_topology_on_postgresql(stack: dict[str, Any]) -> None:
     assert [(v, s) for v, s, *_ in rows] == [(1, "url"), (1, "upload"), (2, "url"), (1, "url")]
     assert rows[0][2] == one["is_anomaly"] and rows[0][3] == pytest.approx(one["anomaly_score"], rel=1e-5)
     assert not (project / "monitoring" / "predictions.db").exists()
+    page = httpx.get(f"{stack['base']}/ui/monitoring", headers={"x-api-key": KEY}, timeout=60)
+    assert page.status_code == 200, page.text[-2000:]  # the daily anomaly rate, summed in PostgreSQL
+    assert pg.sql(db, "SELECT day FROM predictions ORDER BY id DESC LIMIT 1")[0][0] in page.text

@@ -367,10 +367,11 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
 
     @r.get("/ui/monitoring", summary="Anomaly rate per day and the latest drift report (HTML)")
     def monitoring_page() -> Any:
-        from sqlalchemy import func, select
+        from sqlalchemy import case, func, select
 
         p = pages.log.predictions
-        q = (select(p.c.day, func.count().label("n"), func.sum(p.c.is_anomaly).label("anomalies"))
+        flagged = func.sum(case((p.c.is_anomaly, 1), else_=0))  # PostgreSQL has no sum() of booleans
+        q = (select(p.c.day, func.count().label("n"), flagged.label("anomalies"))
              .group_by(p.c.day).order_by(p.c.day.desc()).limit(60))
         with pages.log.engine.connect() as conn:
             days = [dict(r) for r in conn.execute(q).mappings().all()][::-1]
