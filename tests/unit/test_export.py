@@ -42,6 +42,21 @@ def test_parity_report(got, quantize, max_loss, ok):
     assert r["image_auroc_keras"] == 1.0
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_an_export_giving_nan_is_refused_not_read_as_identical_verdicts(quantize):
+    """NaN > threshold is False: every verdict would read "normal" and match a set without anomalies."""
+    ref = _result([0.1, 0.2, 0.3])
+    r = export.parity_report(ref, _result([float("nan")] * 3), np.array([0, 0, 0]), ["a", "b", "c"], quantize)
+    assert r["ok"] is False
+    assert r["reason"] == "the export gives non-finite scores (NaN or infinity) where Keras does not"
+    bad_maps = _result([0.1, 0.2, 1.5])
+    bad_maps.maps[1, 0, 0] = np.inf
+    labels = np.array([0, 0, 1])
+    r = export.parity_report(_result([0.1, 0.2, 1.5]), bad_maps, labels, ["a", "b", "c"], quantize)
+    assert r["ok"] is False
+    assert "non-finite maps" in r["reason"]
+
+
 def test_unknown_format_and_quantization_are_config_errors():
     with pytest.raises(ConfigError, match="one of: onnx, tflite"):
         export.export_name("coreml")
@@ -94,7 +109,14 @@ def test_onnx_export_of_the_champion_is_logged_to_its_run(trained, model_dir, da
     shutil.copytree(out, older)
     info = json.loads((older / "export.json").read_text())
     (older / "export.json").write_text(json.dumps({k: v for k, v in info.items() if not k.startswith("maps_")}))
-    assert export._matches(out, version, r["threshold"]) and not export._matches(older, version, r["threshold"])
+    assert export._matches(out, version, r["threshold"], "onnx")
+    assert not export._matches(older, version, r["threshold"], "onnx")
+    assert not export._matches(out, version, r["threshold"], "tflite")  # another runtime's export is not it
+    quantized = out.with_name("quantized")  # a device's int8 export at the service's path is not served
+    shutil.copytree(out, quantized)
+    info = json.loads((out / "export.json").read_text())
+    (quantized / "export.json").write_text(json.dumps(info | {"quantize": "int8"}))
+    assert not export._matches(quantized, version, r["threshold"], "onnx")
     assert load_export(older)._maps is None and load_export(older).score_arrays  # still loads, numpy maps
     assert "model.keras" not in names and not any(n.startswith(".") for n in names)
 
@@ -171,6 +193,12 @@ def test_holder_serves_through_onnx_and_reuses_the_logged_export(trained, model_
     shutil.rmtree(local)
     again, _ = ModelHolder(settings, poll_seconds=0).current()
     assert again.meta["export"]["created"] == created and (local / "model.onnx").is_file()
+
+    # Its model file damaged since (a truncated copy): exported again, not refused on every refresh.
+    (local / "model.onnx").write_bytes(b"truncated")
+    fixed, _ = ModelHolder(settings, poll_seconds=0).current()
+    assert (local / "model.onnx").stat().st_size > 1000  # the export made again, whole
+    assert (fixed.score_arrays(x).is_anomaly == keras_model.score_arrays(x).is_anomaly).all()
 
 
 def test_holder_starts_serving_nothing_when_the_champion_cannot_be_loaded(trained, model_dir, project):

@@ -123,7 +123,7 @@ def _to_tflite(net: Any, path: Path, shape: tuple[int, int, int], quantize: str 
 
 # -- parity -----------------------------------------------------------------------------------
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
         return float("nan")
     from sklearn.metrics import roc_auc_score
 
@@ -135,7 +135,9 @@ def parity_report(reference: ScoreResult, exported: ScoreResult, labels: np.ndar
     """Compare the export's scores with the Keras model's on the same images; ``ok`` says whether to keep it.
 
     Unquantized: every verdict must be the same. Quantized: the image AUROC may drop by at most
-    ``max_auroc_loss`` (verdict differences are reported, not refused).
+    ``max_auroc_loss`` (verdict differences are reported, not refused). Either way, an export whose scores,
+    maps or reconstructions are not all finite numbers where the Keras model's are is refused (NaN
+    compares as False, so its verdicts would all read "normal" and look identical).
 
     Example:
         >>> ref = ScoreResult(np.array([0.1, 2.0]), np.zeros(2), np.zeros((2, 2, 2)), np.zeros((2, 2, 2, 1)), 1.0)
@@ -157,7 +159,15 @@ def parity_report(reference: ScoreResult, exported: ScoreResult, labels: np.ndar
         "image_auroc_keras": auroc_k, "image_auroc_export": auroc_e,
         "auroc_change": auroc_e - auroc_k, "quantize": quantize, "max_auroc_loss": max_auroc_loss,
     }
-    if quantize is None:
+    broken = [what for what, ref, got in (("scores", reference.scores, exported.scores),
+                                          ("maps", reference.maps, exported.maps),
+                                          ("reconstructions", reference.recon, exported.recon))
+              if not np.isfinite(got).all() and np.isfinite(ref).all()]
+    if broken:
+        report["ok"] = False
+        report["reason"] = (f"the export gives non-finite {', '.join(broken)} (NaN or infinity) where Keras "
+                            "does not")
+    elif quantize is None:
         report["ok"] = report["verdicts_identical"]
         report["reason"] = ("all verdicts identical" if report["ok"] else
                             f"{report['verdicts_differ']} of {len(labels)} verdicts differ from the Keras model's")
@@ -310,7 +320,9 @@ def export_version(
     return report
 
 
-def _matches(directory: Path, version: int, threshold: float) -> bool:
+def _matches(directory: Path, version: int, threshold: float, fmt: str) -> bool:
+    """Whether ``directory`` holds a passed, unquantized ``fmt`` export of ``version`` at ``threshold`` (what
+    the service serves; a quantized export made for a device with ``cellscan export --out`` there is not)."""
     try:
         info = read_info(directory)
         meta = json.loads((directory / "meta.json").read_text())
@@ -321,7 +333,15 @@ def _matches(directory: Path, version: int, threshold: float) -> bool:
     maps_ok = (info.get("format") != "onnx" or bool(info.get("maps_file"))
                or meta["score"]["map"] not in maps_onnx.KINDS)
     return (info.get("source_version") == version and float(meta["threshold"]) == threshold
-            and bool(parity.get("ok")) and maps_ok)
+            and info.get("format") == fmt and info.get("quantize") is None and bool(parity.get("ok"))
+            and maps_ok)
+
+
+def _export_for_serving(settings: Settings, model: CellscanModel, version: int, fmt: str,
+                        target: Path) -> None:
+    report = export_model(model, target, fmt, data_root=default_data_root(model, settings.home),
+                          source=f"models:/{settings.model_name}/{version}", source_version=version)
+    log_export(settings, version, target, report)
 
 
 def serving_model(settings: Settings, model: CellscanModel, version: int, fmt: str = "onnx") -> CellscanModel:
@@ -332,7 +352,7 @@ def serving_model(settings: Settings, model: CellscanModel, version: int, fmt: s
     """
     name = export_name(fmt)
     target = default_out_dir(settings.home, version, "", name)
-    if not _matches(target, version, model.threshold):
+    if not _matches(target, version, model.threshold, fmt):
         from cellscan.mlops.tracking import client
 
         mc = client(settings)
@@ -343,17 +363,25 @@ def serving_model(settings: Settings, model: CellscanModel, version: int, fmt: s
             with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as tmp:
                 got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{EXPORTS_DIR}/{name}",
                                                                dst_path=tmp, tracking_uri=settings.tracking_uri))
-                if _matches(got, version, model.threshold):
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.rmtree(target, ignore_errors=True)
-                    shutil.copytree(got, target)
+                if _matches(got, version, model.threshold, fmt):  # copied beside, then swapped in whole
+                    work = staging_dir(target, "export", ConfigError)
+                    try:
+                        shutil.copytree(got, work, dirs_exist_ok=True)
+                        swap_in(work, target)
+                    except BaseException:
+                        shutil.rmtree(work, ignore_errors=True)
+                        raise
                     logger.info("version %s: %s export taken from run %s", version, name, run_id)
         except Exception as exc:  # absent artifact: MlflowException or OSError, depending on the store
             logger.info("version %s has no logged %s export (%s): exporting it now", version, name, exc)
-        if not _matches(target, version, model.threshold):
-            report = export_model(model, target, fmt, data_root=default_data_root(model, settings.home),
-                                  source=f"models:/{settings.model_name}/{version}", source_version=version)
-            log_export(settings, version, target, report)
-    served = load_export(target, threads=1)
+        if not _matches(target, version, model.threshold, fmt):
+            _export_for_serving(settings, model, version, fmt, target)
+    try:
+        served = load_export(target, threads=1)
+    except ModelError as exc:  # its files damaged since (a disk, a hand): made again, not refused forever
+        logger.warning("version %s: the %s export in %s cannot be loaded (%s): exporting it again", version,
+                       name, target, exc)
+        _export_for_serving(settings, model, version, fmt, target)
+        served = load_export(target, threads=1)
     served.meta["registry_version"] = version
     return served
