@@ -30,3 +30,18 @@ def test_edge_rows_are_left_out_and_drift_is_still_found():
     shifted = pd.concat([edge, _frame(rng, 100, shift=1.5)], ignore_index=True)
     _, res = run_report(ref, shifted, p)
     assert res.drift and res.n_current == 100
+
+
+def test_old_stamped_reports_are_pruned_and_the_latest_stays(tmp_path):
+    from cellscan.mlops.monitor.drift import prune_reports
+
+    for day in range(1, 6):
+        for suffix in (".html", ".json"):
+            (tmp_path / f"report-202612{day:02d}T000000Z{suffix}").write_text("r")
+    (tmp_path / "latest.html").write_text("l")
+    (tmp_path / "latest.json").write_text("l")
+    assert prune_reports(tmp_path, keep=2) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.html", "latest.json", "report-20261204T000000Z.html", "report-20261204T000000Z.json",
+        "report-20261205T000000Z.html", "report-20261205T000000Z.json"]
+    assert prune_reports(tmp_path, keep=2) == 0

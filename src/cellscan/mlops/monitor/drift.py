@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "monitoring"
 LATEST_HTML, LATEST_JSON = "latest.html", "latest.json"
+# Stamped reports kept in the folder (about 4 MB each: Evidently inlines its scripts); every report also
+# stays in its MLflow run, so the folder only needs the recent ones (two days at the hourly default).
+KEEP_REPORTS = 48
 COLUMNS: tuple[str, ...] = (*DESCRIPTORS, *GEOMETRY)
 
 
@@ -148,7 +151,19 @@ def save_report(snap: Any, result: DriftResult, folder: Path, extra: dict[str, A
                              indent=1, default=str))
     write_atomic(folder / LATEST_HTML, html.read_bytes())
     write_atomic(folder / LATEST_JSON, js.read_bytes())
+    prune_reports(folder)
     return result
+
+
+def prune_reports(folder: Path, keep: int = KEEP_REPORTS) -> int:
+    """Delete all but the newest ``keep`` stamped reports (html and json; ``latest.*`` stay); returns how many
+    reports went."""
+    stamps = sorted({p.name.removeprefix("report-").rsplit(".", 1)[0] for p in folder.glob("report-*.*")})
+    old = stamps[:-keep] if keep > 0 else stamps
+    for stamp in old:
+        for suffix in (".html", ".json"):
+            (folder / f"report-{stamp}{suffix}").unlink(missing_ok=True)
+    return len(old)
 
 
 def log_to_mlflow(settings: Settings, result: DriftResult, extra_files: dict[str, str] | None = None) -> str:
