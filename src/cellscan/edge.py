@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ import numpy as np
 
 from cellscan.core.bundle import CellscanModel
 from cellscan.core.images import IMAGE_SUFFIXES, iter_file_pages
-from cellscan.errors import CellscanError, ConfigError, ModelError
+from cellscan.errors import CellscanError, ConfigError, ModelError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,13 @@ def read_info(directory: Path) -> dict[str, Any]:
     if not info_path.is_file():
         msg = f"not a cellscan export (missing {EXPORT_INFO}; make one with `cellscan export`): {directory}"
         raise ModelError(msg)
-    info: dict[str, Any] = json.loads(info_path.read_text())
-    if not (Path(directory) / info["file"]).is_file():
+    try:
+        info: dict[str, Any] = json.loads(info_path.read_text())
+        model_file = Path(directory) / info["file"]
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or no "file": a damaged or hand-made file
+        msg = f"{info_path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); export the model again"
+        raise ModelError(msg) from None
+    if not model_file.is_file():
         msg = f"export {directory} lacks its model file {info['file']}"
         raise ModelError(msg)
     return info
@@ -241,6 +247,7 @@ def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api
     import socket
     from urllib.parse import urlsplit
 
+    check_post_url(url)
     if urlsplit(url).path in ("", "/"):  # the service's address alone: its route for edge results
         url = url.rstrip("/") + RESULTS_PATH
     sent = 0
@@ -253,14 +260,30 @@ def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (the operator's URL)
                 resp.read()
-        except urllib.error.HTTPError as exc:
-            msg = f"posting results to {url}: HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
-            raise CellscanError(msg) from None
         except (urllib.error.URLError, OSError) as exc:
-            msg = f"posting results to {url}: {exc}"
+            why = (f"HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
+                   if isinstance(exc, urllib.error.HTTPError) else str(exc))
+            total = math.ceil(len(rows) / chunk)
+            done = f" ({sent} of {total} requests were logged before it)" if sent else ""
+            msg = f"posting results to {url}: {why}{done}"
             raise CellscanError(msg) from None
         sent += 1
     return sent
+
+
+def check_post_url(url: str) -> None:
+    """Refuse, before any image is scored, a --post address that is not http(s)://host[:port][/path]."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        ok = False
+    if not ok:
+        msg = f"--post expects the service's address, http(s)://host:port, got {url!r}"
+        raise ConfigError(msg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.folder.is_dir():
             msg = f"folder does not exist: {args.folder}"
             raise ConfigError(msg)
+        if args.post:
+            check_post_url(args.post)  # before minutes of scoring, not after
         model = load_export(args.model, threads=args.threads)
         paths = list_folder(args.folder)
         t0 = time.perf_counter()
@@ -296,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             key = args.api_key or os.environ.get("CELLSCAN_API_KEY")
             n = post_results(args.post, rows, model.meta["export"], key)
             print(f"posted {len(rows)} results to {args.post} in {n} request(s)")
-    except CellscanError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:  # cellscan's and the system's errors (an --out that cannot be written) in a line
+        said = describe(exc)
+        if said is None:
+            raise
+        print(f"{said[0]}: {said[1]}", file=sys.stderr)
         return 1
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 

@@ -101,3 +101,21 @@ def test_edge_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     assert main(["score", str(tmp_path / "imgs"), "--model", str(tmp_path)]) == 1
     assert "not a cellscan export" in capsys.readouterr().err
+
+
+def test_edge_refuses_a_bad_post_address_or_a_damaged_export_in_one_line(onnx_export, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "imgs").mkdir()
+    for url in ("host-without-scheme:3000", "ftp://host/x", "http://", "http://host:port"):
+        assert main(["score", str(tmp_path / "imgs"), "--model", str(onnx_export), "--post", url]) == 1
+        err = capsys.readouterr().err
+        expected = f"ConfigError: --post expects the service's address, http(s)://host:port, got {url!r}"
+        assert err.startswith(expected), err
+    damaged = tmp_path / "export"
+    shutil.copytree(onnx_export, damaged)
+    (damaged / "export.json").write_text("{not json")
+    assert main(["score", str(tmp_path / "imgs"), "--model", str(damaged)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ModelError: "), err
+    assert "export.json is damaged" in err
