@@ -12,17 +12,19 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path``: a temporary file in the same folder, flushed to disk, then renamed over it.
-    Where the write fails (a full disk), the earlier file is still whole and no temporary file is left."""
+def write_atomic(path: str | Path, data: str | bytes, sync: bool = True) -> Path:
+    """Write ``data`` to ``path``: a temporary file in the same folder, flushed to disk (``sync``), then
+    renamed over it. Where the write fails (a full disk), the earlier file is still whole and no temporary
+    file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a report from the service's user
         os.replace(tmp, path)
     except BaseException:

@@ -86,3 +86,17 @@ def test_edge_rows_do_not_push_the_services_own_predictions_out_of_the_drift_win
     assert set(own["source"]) == {"upload"}
     assert own[list(DESCRIPTORS)].notna().all().all()
     assert own["emb_0"].notna().all()
+
+
+def test_an_image_that_cannot_be_kept_does_not_lose_the_batchs_rows(tmp_path):
+    log = PredictionLog.from_settings(Settings.from_env(tmp_path, env={}))
+    assert log.image_dir is not None
+    log.image_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.image_dir.write_text("a file where the image folders go: every image write fails")
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    n = log.write([Item(_img(i), encode_png(_img(i)[..., 0]), rec, np.arange(EMBED_DIM, dtype=float), "upload",
+                        f"{i}.png", 3, 0.01, "b1") for i in range(3)])
+    df = log.frame(model_version=3)
+    assert n == 3
+    assert df["name"].tolist() == ["0.png", "1.png", "2.png"]
+    assert df["image_path"].isna().all()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellscan.files import write_atomic
 from cellscan.mlops.monitor.descriptors import DESCRIPTORS, EMBEDDING, content_hash, describe, header
 
 if TYPE_CHECKING:
@@ -110,15 +111,19 @@ class PredictionLog:
 
     # -- writing ---------------------------------------------------------------------------
     def _keep(self, data: bytes, digest: str, day: str) -> str | None:
+        """Keep the image under its content hash; None where it is not kept. An image that cannot be
+        stored (a full disk) is logged without it: its row, and the others of its batch, are still written."""
         if self.image_dir is None or self.keep_days <= 0:
             return None
         folder = self.image_dir / day
-        folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{digest[:24]}.img"
-        if not target.exists():
-            tmp = folder / f".{target.name}.part"
-            tmp.write_bytes(data)
-            tmp.rename(target)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not target.exists():  # beside, under a name of its own (two writers, one image), renamed in
+                write_atomic(target, data, sync=False)  # a copy for inspection: no fsync per image
+        except OSError as exc:
+            logger.warning("prediction image not kept (%s): %s", target, exc)
+            return None
         return str(target)
 
     def rows(self, items: list[Item]) -> list[dict[str, Any]]:
