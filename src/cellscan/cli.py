@@ -344,8 +344,9 @@ def predict(
     for path in images:
         try:
             x, native = model.load_pair(path)
-        except CellscanError as exc:
-            rows.append({"image": str(path), "status": "error", "error": f"{type(exc).__name__}: {exc}"})
+        except (CellscanError, OSError) as exc:  # unreadable (a permission, a folder): its row says why
+            said = describe(exc) or (type(exc).__name__, str(exc))
+            rows.append({"image": str(path), "status": "error", "error": f"{said[0]}: {said[1]}"})
             continue
         loaded.append((len(rows), path, x, native))
         rows.append({"image": str(path), "status": "ok"})
@@ -623,6 +624,7 @@ def client_predict(
 
 
 @app.command("mlflow-ui")
+@_boundary
 def mlflow_ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
     """Start the MLflow UI on the local store (or MLFLOW_TRACKING_URI)."""
     import os

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,6 +138,23 @@ def test_predict_scores_the_readable_images_and_names_the_others(tmp_path, model
     assert bad["status"] == "error" and "bad.png: not an image" in bad["error"]
     assert good["status"] == "ok" and good["image"] == str(img)
     assert good["anomaly_score"] == pytest.approx(float(trained.model.score_images([img]).scores[0]), rel=1e-4)
+
+
+def test_predict_names_a_file_the_system_cannot_read_and_scores_the_others(tmp_path, model_dir, dataset_dir,
+                                                                          trained):
+    """An OSError while reading (here EIO: /proc/self/mem, which even root cannot read whole; for others a
+    permission) is that file's row, not the end of the run."""
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("needs Linux's /proc")
+    img = next((dataset_dir / "test" / "good").glob("*.png"))
+    unreadable = tmp_path / "unreadable.png"
+    unreadable.symlink_to("/proc/self/mem")
+    res = runner.invoke(app, ["predict", str(unreadable), str(img), "-m", str(model_dir), "--json"])
+    assert res.exit_code == 1, res.output
+    bad, good = json.loads(res.stdout[: res.stdout.rindex("]") + 1])
+    assert bad["status"] == "error"
+    assert bad["error"].startswith("OSError: Input/output error"), bad
+    assert good["status"] == "ok"
 
 
 def test_a_mistyped_sqlite_store_is_said_not_made(tmp_path, monkeypatch):

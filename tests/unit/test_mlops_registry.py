@@ -153,8 +153,11 @@ def test_a_store_that_does_not_answer_is_not_read_as_an_empty_registry(tmp_path,
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     settings = Settings.from_env(tmp_path, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    from cellscan.mlops.monitor.reference import load_reference
+
     for call in (registry.champion_version, registry.rollback, registry.previous_champion,
-                 lambda s: registry.load_model(registry.CHAMPION, s), lambda s: registry.promote(s, 1)):
+                 lambda s: registry.load_model(registry.CHAMPION, s), lambda s: registry.promote(s, 1),
+                 lambda s: load_reference(s, 1)):
         with pytest.raises(MlflowException, match=f"127.0.0.1:{port}"):
             call(settings)
 
@@ -168,6 +171,10 @@ def test_an_empty_store_still_reads_as_no_champion(store, trained, model_dir):
         registry.load_model(registry.CHAMPION, store)
     with pytest.raises(RegistryError, match="no version or alias 7"):
         registry.promote(store, 7)
+    from cellscan.mlops.monitor.reference import load_reference
+
+    with pytest.raises(RegistryError, match="version 1 of 'cellscan' has no reference"):
+        load_reference(store, 1)  # registered without one: the store answered that it lacks it
 
 
 def test_data_outside_the_versioned_folder_is_recorded_as_unversioned_not_as_another(tmp_path, caplog):

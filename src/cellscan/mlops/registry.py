@@ -45,7 +45,8 @@ __all__ = ["CHAMPION", "CHALLENGER", "client", "load_model", "champion_version",
 _ABSENT_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
-def _absent(exc: Exception) -> bool:
+def not_found(exc: Exception) -> bool:
+    """Whether an MlflowException says the model, version, alias or artifact asked for does not exist."""
     return getattr(exc, "error_code", None) in _ABSENT_CODES
 
 
@@ -55,7 +56,7 @@ def _aliases(mc: MlflowClient, name: str) -> dict[str, int]:
     try:
         rm = mc.get_registered_model(name)
     except MlflowException as exc:
-        if not _absent(exc):  # an unreachable store is not "no champion" (the gate would promote blind)
+        if not not_found(exc):  # an unreachable store is not "no champion" (the gate would promote blind)
             raise
         return {}
     return {alias: int(v) for alias, v in (rm.aliases or {}).items()}
@@ -78,7 +79,7 @@ def _resolve(mc: MlflowClient, name: str, ref: int | str) -> Any:
             return mc.get_model_version(name, str(ref))
         return mc.get_model_version_by_alias(name, str(ref))
     except MlflowException as exc:
-        if not _absent(exc):  # MLflow down or failing: its own error, not "no such version"
+        if not not_found(exc):  # MLflow down or failing: its own error, not "no such version"
             raise
         msg = f"model {name!r} has no version or alias {ref!r}"
         raise RegistryError(msg) from None

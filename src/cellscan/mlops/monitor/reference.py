@@ -82,6 +82,7 @@ def load_reference(settings: Settings, version: int) -> pd.DataFrame:
     from mlflow.exceptions import MlflowException
 
     from cellscan.errors import RegistryError
+    from cellscan.mlops.registry import not_found
     from cellscan.mlops.tracking import client
 
     mc = client(settings)
@@ -90,6 +91,11 @@ def load_reference(settings: Settings, version: int) -> pd.DataFrame:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REF_CSV, dst_path=tmp)
             return pd.read_csv(path)
-    except (MlflowException, OSError):
+    except (MlflowException, OSError) as exc:  # requests' errors are OSErrors: an artifact server's 404
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        missing = not_found(exc) if isinstance(exc, MlflowException) else (
+            isinstance(exc, FileNotFoundError) or status == 404)
+        if not missing:  # a store that does not answer is said as such, not as "no reference"
+            raise
         msg = f"version {version} of {settings.model_name!r} has no reference ({REF_CSV} in its run)"
         raise RegistryError(msg) from None
