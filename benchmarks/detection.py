@@ -49,6 +49,24 @@ METHODS = ("cellscan", "pca", "iforest", "plain_ae")
 BEFORE = HERE / "results" / "detection_before.json"
 
 
+def machine() -> dict[str, object]:
+    """Where the figures were made: the networks' training repeats bit for bit on one machine, not across CPUs
+    (the same code trained 40 epochs on one and stopped by patience after 31 on another)."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor()
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
 def categories(root: Path) -> list[Path]:
     return sorted(p.parent.parent for p in root.glob("*/*/train/good") if p.is_dir())
 
@@ -240,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             results[key] = row
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"root": str(args.root), "results": results}, indent=2))
+            args.out.write_text(json.dumps({"root": str(args.root), "machine": machine(), "results": results},
+                                           indent=2))
         if key in before and "cellscan" in before[key]:
             row["before"] = before[key]["cellscan"]
     print()
