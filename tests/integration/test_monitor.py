@@ -93,11 +93,26 @@ def test_normal_stream_no_drift_then_shifted_stream_drifts_once_per_cooldown(tra
     again = monitor.check(settings, params)
     assert again["drift"] and again["events"] == [] and monitor.DRIFT_EVENT in again["suppressed"]
 
+    # Past the cooldown, the same predictions are no new evidence: no event (an idle line is not retrained
+    # after every cooldown); a new shifted batch is.
+    later = params.with_overrides({"monitor.cooldown_minutes": 0})
+    idle = monitor.check(settings, later)
+    assert idle["drift"]
+    assert idle["events"] == []
+    assert monitor.DRIFT_EVENT in idle["suppressed"]
+    batchscore.score_folder(settings, _stream(tmp_path / "shifted-2", seed=303, shift=0.2, blur=True),
+                            tmp_path / "out-shifted-2")
+    fresh = monitor.check(settings, later)
+    assert fresh["drift"]
+    assert [e["event"] for e in fresh["events"]] == [monitor.DRIFT_EVENT], fresh
+
 
 def test_monitor_flow_emits_the_drift_event(trained_project, tmp_path):
     from flows.monitor import monitor_flow
 
     root = trained_project
+    shifted = _stream(tmp_path / "shifted", seed=606, shift=0.2, blur=True)
+    batchscore.score_folder(Settings.from_env(root), shifted, tmp_path / "out-shifted")  # newer than the last
     (root / "params.yaml").write_text((root / "params.yaml").read_text().replace(
         "cooldown_minutes: 360", "cooldown_minutes: 0"))
     out = monitor_flow(project=str(root))

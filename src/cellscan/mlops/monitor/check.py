@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -50,16 +51,23 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     save_report(snap, result, settings.monitor_dir / "reports", extra)
     run_id = log_to_mlflow(settings, result)
     events = []
+    newest = float(current["ts"].max())
     for kind, fired in ((DRIFT_EVENT, result.drift), (RATE_EVENT, result.rate_jump)):
         if not fired:
             continue
-        last = log.last_emitted((DRIFT_EVENT, RATE_EVENT))
-        cooling = last is not None and now - last < 60 * p.cooldown_minutes
+        last = log.last_emitted_alert((DRIFT_EVENT, RATE_EVENT))
+        cooling = last is not None and now - last[0] < 60 * p.cooldown_minutes
+        # An event needs new evidence: a line that stopped sending scans would otherwise trigger a retraining
+        # on the same predictions after every cooldown (the gate keeping the champion each time).
+        stale = (last is not None and last[1] == version
+                 and float(last[2].get("newest_prediction", -math.inf)) >= newest)
         detail = {"columns": result.drifted, "anomaly_rate": result.anomaly_rate, "max_rate": result.max_rate,
-                  "report": result.html, "mlflow_run": run_id}
-        log.add_alert(kind, version, not cooling, detail, ts=now)
+                  "report": result.html, "mlflow_run": run_id, "newest_prediction": newest}
+        log.add_alert(kind, version, not (cooling or stale), detail, ts=now)
         if cooling:
-            logger.warning("%s inside the cooldown (last event %.0f s ago): no event", kind, now - last)
+            logger.warning("%s inside the cooldown (last event %.0f s ago): no event", kind, now - last[0])
+        elif stale:
+            logger.warning("%s on no prediction newer than the last event's: no event", kind)
         else:
             events.append({"event": kind, "payload": detail})
     status = "drift" if result.drift else "anomaly-rate jump" if result.rate_jump else "no drift"

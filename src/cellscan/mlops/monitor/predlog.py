@@ -227,13 +227,25 @@ class PredictionLog:
 
     def last_emitted(self, kinds: tuple[str, ...]) -> float | None:
         """When an alert of one of ``kinds`` last went out as an event (None: never)."""
-        from sqlalchemy import func, select
+        last = self.last_emitted_alert(kinds)
+        return None if last is None else last[0]
+
+    def last_emitted_alert(self, kinds: tuple[str, ...]) -> tuple[float, int | None, dict[str, Any]] | None:
+        """(time, model version, detail) of the newest alert of one of ``kinds`` that went out as an event."""
+        from sqlalchemy import select
 
         a = self.alerts
-        q = select(func.max(a.c.ts)).where(a.c.kind.in_(kinds), a.c.emitted.is_(True))
+        q = (select(a.c.ts, a.c.model_version, a.c.detail).where(a.c.kind.in_(kinds), a.c.emitted.is_(True))
+             .order_by(a.c.ts.desc(), a.c.id.desc()).limit(1))
         with self.engine.connect() as conn:
-            v = conn.execute(q).scalar_one_or_none()
-        return None if v is None else float(v)
+            row = conn.execute(q).first()
+        if row is None:
+            return None
+        try:
+            detail = json.loads(row.detail) if row.detail else {}
+        except ValueError:
+            detail = {}
+        return float(row.ts), row.model_version, detail if isinstance(detail, dict) else {}
 
 
 class LogWriter:
