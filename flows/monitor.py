@@ -27,11 +27,17 @@ def emit(settings: Any, out: dict[str, Any]) -> list[str]:
 
     ids = []
     for e in out["events"]:
-        ev = emit_event(event=e["event"],
-                        resource={"prefect.resource.id": f"cellscan.model.{settings.model_name}",
-                                  "prefect.resource.name": settings.model_name,
-                                  "cellscan.model_version": str(out["model_version"])},
-                        payload=e["payload"])
+        try:
+            ev = emit_event(event=e["event"],
+                            resource={"prefect.resource.id": f"cellscan.model.{settings.model_name}",
+                                      "prefect.resource.name": settings.model_name,
+                                      "cellscan.model_version": str(out["model_version"])},
+                            payload=e["payload"])
+        except Exception as exc:  # the API gone: the event is sent by the next check, not lost for a cooldown
+            print(f"{e['event']} could not be emitted ({type(exc).__name__}: {exc})")
+            ev = None
+        if ev is None:
+            monitor.event_not_sent(settings, e)
         ids.append(str(ev.id) if ev else "")
     return ids
 

@@ -49,8 +49,11 @@ def test_log_writes_reads_and_prunes(tmp_path):
     assert df["image_path"].isna().tolist() == [True, False, False]
     assert all(Path(p).is_file() for p in df["image_path"][1:])
     assert log.prune() == 0
-    log.add_alert("drift", 3, True, {"columns": ["mean"]})
+    alert = log.add_alert("drift", 3, True, {"columns": ["mean"]})
     assert log.last_emitted(("drift",)) is not None and log.last_emitted(("rate",)) is None
+    assert log.last_emitted_alert(("drift",))[1:] == (3, {"columns": ["mean"]})
+    log.not_emitted(alert)  # its event could not be sent: it arms no cooldown
+    assert log.last_emitted(("drift",)) is None
     writer.close()
 
 

@@ -63,19 +63,25 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
                  and float(last[2].get("newest_prediction", -math.inf)) >= newest)
         detail = {"columns": result.drifted, "anomaly_rate": result.anomaly_rate, "max_rate": result.max_rate,
                   "report": result.html, "mlflow_run": run_id, "newest_prediction": newest}
-        log.add_alert(kind, version, not (cooling or stale), detail, ts=now)
+        alert = log.add_alert(kind, version, not (cooling or stale), detail, ts=now)
         if cooling:
             logger.warning("%s inside the cooldown (last event %.0f s ago): no event", kind, now - last[0])
         elif stale:
             logger.warning("%s on no prediction newer than the last event's: no event", kind)
         else:
-            events.append({"event": kind, "payload": detail})
+            events.append({"event": kind, "payload": detail, "alert_id": alert})
     status = "drift" if result.drift else "anomaly-rate jump" if result.rate_jump else "no drift"
     return base | {"status": status, "drift": result.drift, "rate_jump": result.rate_jump,
                    "drifted": result.drifted, "anomaly_rate": result.anomaly_rate, "n": result.n_current,
                    "report": result.html, "report_json": result.json, "mlflow_run": run_id, "events": events,
                    "suppressed": [k for k, f in ((DRIFT_EVENT, result.drift), (RATE_EVENT, result.rate_jump))
                                   if f and k not in {e["event"] for e in events}]}
+
+
+def event_not_sent(settings: Settings, event: dict[str, Any]) -> None:
+    """An event of :func:`check` that could not be emitted: its alert no longer arms the cooldown, so the
+    next check emits it again."""
+    PredictionLog.from_settings(settings).not_emitted(int(event["alert_id"]))
 
 
 def summary_line(out: dict[str, Any]) -> str:

@@ -220,10 +220,20 @@ class PredictionLog:
 
     # -- alerts (the monitor's cooldown) ------------------------------------------------------
     def add_alert(self, kind: str, model_version: int | None, emitted: bool, detail: dict[str, Any],
-                  ts: float | None = None) -> None:
+                  ts: float | None = None) -> int:
+        """Record an alert; returns its id (:meth:`not_emitted` undoes ``emitted``: its event not sent)."""
         with self.engine.begin() as conn:
-            conn.execute(self.alerts.insert(), [{"ts": ts or time.time(), "kind": kind, "model_version": model_version,
-                                                 "emitted": emitted, "detail": json.dumps(detail, default=str)}])
+            res = conn.execute(self.alerts.insert().values(
+                ts=ts or time.time(), kind=kind, model_version=model_version, emitted=emitted,
+                detail=json.dumps(detail, default=str)))
+            return int(res.inserted_primary_key[0])
+
+    def not_emitted(self, alert_id: int) -> None:
+        """Mark an alert whose event could not be sent: it no longer arms the cooldown."""
+        from sqlalchemy import update
+
+        with self.engine.begin() as conn:
+            conn.execute(update(self.alerts).where(self.alerts.c.id == alert_id).values(emitted=False))
 
     def last_emitted(self, kinds: tuple[str, ...]) -> float | None:
         """When an alert of one of ``kinds`` last went out as an event (None: never)."""
