@@ -208,6 +208,15 @@ def test_retrain_takes_temp_images_as_a_new_data_version(project, settings):
     assert len(list(train_dir.glob("*.png"))) == n_train + 2
 
 
+def _fails(msg: str):  # type: ignore[no-untyped-def]
+    """A stand-in for a step that raises ``msg`` (a crash injected into a real flow run)."""
+
+    def fail(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError(msg)
+
+    return fail
+
+
 def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, monkeypatch):
     _train(project)
     first_hash = data_hash(project)
@@ -224,11 +233,7 @@ def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, mo
 
     real_fit = train_mod.fit_model
 
-    def crash(*a, **k):  # type: ignore[no-untyped-def]
-        msg = "simulated crash during retraining"
-        raise RuntimeError(msg)
-
-    monkeypatch.setattr(train_mod, "fit_model", crash)
+    monkeypatch.setattr(train_mod, "fit_model", _fails("simulated crash during retraining"))
     from flows.retrain import retrain_flow
 
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -248,11 +253,7 @@ def test_a_failed_retrain_puts_the_new_images_back_in_temp(project, settings, mo
     monkeypatch.setattr(train_mod, "fit_model", real_fit)  # not monkeypatch.undo(): that restores the env too
     from cellscan.mlops import steps
 
-    def gate_fails(*a, **k):  # type: ignore[no-untyped-def]
-        msg = "simulated gate failure"
-        raise RuntimeError(msg)
-
-    monkeypatch.setattr(steps, "gate", gate_fails)
+    monkeypatch.setattr(steps, "gate", _fails("simulated gate failure"))
     with pytest.raises(RuntimeError, match="simulated gate failure"):
         retrain_flow(project=str(project), overrides={"retrain.epochs": 1})
     assert not list(temp.glob("*.png"))
