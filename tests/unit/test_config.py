@@ -30,6 +30,10 @@ def test_repo_params_load_into_typed_groups():
         ("train:\n  epochs: .inf\n", "train.epochs must be int, got inf"),
         ("data:\n  root:\n", "data.root must be str, got None"),  # not the folder "None"
         ("data:\n  root: [a, b]\n", "data.root must be str"),
+        ("gate:\n  tolerance: true\n", "gate.tolerance must be float, got True"),  # not 1.0: an open gate
+        ("train:\n  anomaly_prob: yes\n", "train.anomaly_prob must be float, got True"),
+        ("base:\n  seed: -1\n", "base.seed must be between 0 and 4294967295, got -1"),
+        ("base:\n  seed: 4294967296\n", "base.seed must be between 0 and 4294967295"),
     ],
 )
 def test_bad_params_fail_with_a_message(tmp_path, yaml_text, needle):

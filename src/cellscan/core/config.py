@@ -68,6 +68,9 @@ def cron_problem(expr: str) -> str | None:
 class BaseParams:
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, "base.seed", "between 0 and 4294967295", self.seed)
+
 
 @dataclass(frozen=True)
 class DataParams:
@@ -348,6 +351,8 @@ def _coerce(cls: type, name: str, raw: Any) -> Any:
                     raise TypeError
                 values[key] = int(value)
             elif isinstance(default, float):
+                if isinstance(value, bool):  # `true` is not 1.0 (gate.tolerance: true would open the gate)
+                    raise TypeError
                 values[key] = float(value)
             else:  # a word; an empty value (`-s data.root=`, `root:`) is not the folder "None"
                 if value is None or isinstance(value, dict | list):
