@@ -13,11 +13,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cellscan.mlops import steps as pipeline
-from cellscan.mlops import watchdog
 from cellscan.core.config import Params, load_params
+from cellscan.core.data import load_dataset
 from cellscan.errors import describe
 from cellscan.files import write_atomic
+from cellscan.mlops import steps as pipeline
+from cellscan.mlops import watchdog
 from cellscan.settings import Settings, setup_offline
 
 
@@ -46,9 +47,9 @@ def open_run(settings: Settings, kind: str, params: Params, data: pipeline.DataV
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(settings: Settings, run: Any, params: Params, droot: Path, bundle_dir: Path,
+def train_model(settings: Settings, run: Any, params: Params, data: Any, bundle_dir: Path,
                 init_from: Any = None) -> Any:
-    return pipeline.train_bundle(params, droot, bundle_dir, init_from, settings, run)
+    return pipeline.train_bundle(params, data, bundle_dir, init_from, settings, run)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
@@ -60,9 +61,9 @@ def register(settings: Settings, run: Any, result: Any, bundle_dir: Path) -> pip
 
 
 @task(name="champion-gate", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
-def gate(settings: Settings, registered: pipeline.Registered, params: Params, droot: Path) -> dict[str, Any]:
+def gate(settings: Settings, registered: pipeline.Registered, params: Params, data: Any) -> dict[str, Any]:
     """Evaluate the champion on the same data, decide (mlops.gate.decide) and move the aliases."""
-    out = pipeline.gate(settings, registered, params, droot)
+    out = pipeline.gate(settings, registered, params, data)
     verdict = "promoted to champion" if out["promoted"] else "stays challenger"
     print(f"version {registered.version} {verdict} (compared with {out['champion']}): {out['reason']}")
     return out
@@ -78,13 +79,14 @@ def train_and_register(settings: Settings, root: Path, params: Params, data: pip
     run = open_run(settings, kind, params, data, root, droot)
     ok = False
     try:
+        images = load_dataset(droot)  # read once: the gate scores the champion on the images trained on
         with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
             bundle = Path(tmp) / "bundle"
-            result = train_model(settings, run, params, droot, bundle, init_from)
+            result = train_model(settings, run, params, images, bundle, init_from)
             reg = register(settings, run, result, bundle)
             if progress is not None:
                 progress["registered"] = reg.version
-        decision = gate(settings, reg, params, droot)
+        decision = gate(settings, reg, params, images)
         ok = True
     finally:
         pipeline.close_run(settings, run, ok)

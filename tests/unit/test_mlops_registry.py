@@ -93,6 +93,68 @@ def test_versions_gate_and_rollback_after_an_outside_alias_move(trained, model_d
     assert registry.rollback(store, "1") == 1
 
 
+def test_a_decision_taken_against_a_champion_that_moved_meanwhile_does_not_promote(trained, model_dir, store,
+                                                                                     tmp_path):
+    from cellscan.core.config import Params
+    from cellscan.mlops import steps
+
+    good, better = {"image_auroc": 0.9, "f1": 0.9}, {"image_auroc": 0.95, "f1": 0.95}
+    assert _register(store, model_dir, good, None) == 1
+    assert _register(store, model_dir, good, good) == 2
+    assert registry.champion_version(store) == 2
+    run = tracking.open_run(store, "threshold")
+    v3 = tracking.log_and_register(store, run, model_dir)  # a re-evaluation of 2 is scoring ...
+    assert registry.rollback(store, 1) == 1  # ... when the operator rolls back to 1
+    out = registry.apply_decision(store, v3, decide(better, good, GateParams()), 2, good, run.name)
+    assert not out.promoted
+    assert "the champion moved from version 2 to version 1" in out.reason
+    assert registry.champion_version(store) == 1  # the rollback stands
+    assert registry.lineage(store, v3)["aliases"] == ["challenger"]
+
+    # A retry of the gate (a failure after the decision was written) returns it as written, without scoring
+    # (the data folder does not exist) and without comparing the version with itself.
+    reg = steps.Registered(v3, run.run_id, run.name, better)
+    again = steps.gate(store, reg, Params(), tmp_path / "absent")
+    assert (again["promoted"], again["champion"], again["champion_metrics"]) == (False, 2, good)
+    assert registry.lineage(store, v3)["compared_with"] == "2"
+    tracking.close_run(store, run)
+    assert registry.written_decision(store, 1) is not None  # promoted and still champion
+    assert registry.written_decision(store, 2) is None  # promoted, but no longer champion: the gate would run
+
+
+def test_the_champion_is_scored_on_the_images_read_for_the_challenger(trained, model_dir, store, dataset_dir,
+                                                                      tmp_path):
+    import shutil
+
+    from cellscan.core.data import load_dataset
+    from cellscan.mlops import steps
+
+    data = tmp_path / "cells"
+    shutil.copytree(dataset_dir, data)
+    _register(store, model_dir, {"image_auroc": 0.9, "f1": 0.9}, None)
+    images = load_dataset(data)  # read when the training started
+    max_pixels = trained.model.meta["params"]["data"]["max_pixels"]
+    before = steps.champion_metrics(store, images, max_pixels)
+    # An image stored while the challenger trains (a normal one uploaded as a defect) ...
+    good = sorted((data / "test" / "good").iterdir())[0]
+    defect = next(p for p in (data / "test").iterdir() if p.name != "good")
+    shutil.copy(good, defect / "uploaded_meanwhile.png")
+    # ... does not count for the champion alone; read again, the folder differs.
+    assert steps.champion_metrics(store, images, max_pixels) == before
+    assert steps.champion_metrics(store, data, max_pixels)[1] != before[1]
+
+
+def test_finetuning_starts_afresh_when_params_change_the_network(trained, model_dir, store):
+    from cellscan.mlops import steps
+    from tests.conftest import tiny_params
+
+    _register(store, model_dir, {"image_auroc": 0.9, "f1": 0.9}, None)
+    assert steps.finetune_source(store, tiny_params()) is not None  # the champion's own network
+    # base_filters 12 instead of 8: the champion's weights do not fit (set_weights would fail mid-flow)
+    assert steps.finetune_source(store, tiny_params(**{"model.base_filters": 12})) is None
+    assert steps.finetune_source(store, tiny_params(**{"model.head_depth": 3})) is None
+
+
 def test_run_records_params_and_data_files(store, tmp_path):
     (tmp_path / "d" / "cells" / "train").mkdir(parents=True)
     (tmp_path / "d" / "cells" / "train" / "a.png").write_bytes(b"x")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ GATE_TAG, COMPARED_TAG, CHAMP_METRICS_TAG = "cellscan.gate", "cellscan.compared_
 WAS_CHAMPION_TAG, ROLLED_BACK_TAG = "cellscan.was_champion", "cellscan.rolled_back"
 
 __all__ = ["CHAMPION", "CHALLENGER", "client", "load_model", "champion_version", "list_versions", "promote",
-           "rollback", "previous_champion", "apply_decision", "lineage"]
+           "rollback", "previous_champion", "apply_decision", "written_decision", "lineage"]
 
 
 # -- references -------------------------------------------------------------------------------
@@ -287,13 +288,44 @@ def rollback(settings: Settings, version: int | str | None = None,
     return version
 
 
+def written_decision(settings: Settings, version: int) -> dict[str, Any] | None:
+    """The gate decision already written for ``version`` with its alias in place (promoted: it is the
+    champion; rejected: the challenger), as :func:`cellscan.mlops.steps.gate` returns it; None where none
+    was written or the write stopped before the alias moved (the gate must then run)."""
+    mc = client(settings)
+    name = settings.model_name
+    tags = mc.get_model_version(name, str(version)).tags or {}
+    verdict, _, reason = tags.get(GATE_TAG, "").partition(": ")
+    alias = {"promoted": CHAMPION, "rejected": CHALLENGER}.get(verdict)
+    if alias is None or _aliases(mc, name).get(alias) != version:
+        return None
+    compared = tags.get(COMPARED_TAG, "none")
+    return {"promoted": verdict == "promoted", "reason": reason,
+            "champion": int(compared) if compared.isdigit() else None,
+            "champion_metrics": json.loads(tags.get(CHAMP_METRICS_TAG, "null") or "null") or {}}
+
+
+def _v(version: int | None) -> str:
+    return f"version {version}" if version is not None else "none"
+
+
 def apply_decision(
     settings: Settings, version: int, decision: GateDecision, champion: int | None,
     champion_metrics: dict[str, float] | None, run_name: str | None = None,
-) -> None:
-    """Write a gate decision: tags and description on the version, then the aliases."""
+) -> GateDecision:
+    """Write a gate decision: tags and description on the version, then the aliases; returns the decision
+    as written.
+
+    ``champion`` is the version the decision compared with; where the alias has moved since (an
+    operator's rollback while this version was scored), the version is not promoted over the new one.
+    """
     mc = client(settings)
     name = settings.model_name
+    now = champion_version(settings)
+    if decision.promoted and now != champion:  # a rollback or another run moved it meanwhile: theirs stands
+        decision = replace(decision, promoted=False, reason=(
+            f"the champion moved from {_v(champion)} to {_v(now)} while this version was evaluated; "
+            "not promoted over it (promote it by hand, or train again to compare with the new champion)"))
     verdict = "promoted" if decision.promoted else "rejected"
     mc.set_model_version_tag(name, str(version), GATE_TAG, f"{verdict}: {decision.reason}")
     mc.set_model_version_tag(name, str(version), COMPARED_TAG, str(champion) if champion is not None else "none")
@@ -307,3 +339,4 @@ def apply_decision(
     else:
         mc.set_registered_model_alias(name, CHALLENGER, str(version))
         logger.warning("version %d stays challenger: %s", version, decision.reason)
+    return decision

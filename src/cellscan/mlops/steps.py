@@ -16,7 +16,7 @@ from typing import Any
 
 from cellscan.core.bundle import CellscanModel
 from cellscan.core.config import Params
-from cellscan.core.data import folder_for, load_dataset
+from cellscan.core.data import Dataset, folder_for, load_dataset
 from cellscan.core.evaluate import Evaluation, evaluate_model
 from cellscan.core.train import TrainResult, train
 from cellscan.mlops import registry, tracking, versioning
@@ -72,14 +72,16 @@ def close_run(settings: Settings, run: tracking.RunInfo, ok: bool = True) -> Non
     tracking.close_run(settings, run, ok)
 
 
-def train_bundle(params: Params, data_root: Path, bundle_dir: Path, init_from: Any = None,
+def train_bundle(params: Params, data: Path | Dataset, bundle_dir: Path, init_from: Any = None,
                  settings: Settings | None = None, run: tracking.RunInfo | None = None) -> TrainResult:
     """Train and write the bundle directory: the same function ``dvc repro`` (``cellscan train``) runs.
 
-    With ``settings`` and ``run``, each epoch's losses go into the run as the epoch ends.
+    ``data``: the data folder, or the dataset as read once for the whole run (the gate then scores the
+    champion on the same images). With ``settings`` and ``run``, each epoch's losses go into the run as
+    the epoch ends.
     """
     callbacks = [tracking.epoch_logger(settings, run)] if settings is not None and run is not None else []
-    return train(params, data_root, bundle_dir, callbacks=callbacks, init_from=init_from)
+    return train(params, data, bundle_dir, callbacks=callbacks, init_from=init_from)
 
 
 def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, evaluation: Evaluation,
@@ -98,26 +100,38 @@ def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, ev
     return Registered(version, run.run_id, run.name, metrics)
 
 
-def champion_metrics(settings: Settings, data_root: Path, max_pixels: int) -> tuple[int | None, dict[str, float] | None]:
-    """The champion's version and its metrics on ``data_root`` (threshold calibrated there, like the challenger's)."""
+def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int,
+                     ) -> tuple[int | None, dict[str, float] | None]:
+    """The champion's version and its metrics on ``data`` (threshold calibrated there, like the challenger's).
+
+    Pass the dataset the challenger was evaluated on: images stored since (an ``/anomaly`` upload during
+    the training) would otherwise count for the champion only.
+    """
     version = registry.champion_version(settings)
     if version is None:
         return None, None
     model, _ = registry.load_model(version, settings)
-    ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=max_pixels)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    ev = evaluate_model(model, dataset, calibrate=True, max_pixels=max_pixels)
     return version, {k: float(v) for k, v in ev.metrics.items()}
 
 
-def gate(settings: Settings, reg: Registered, params: Params, data_root: Path,
+def gate(settings: Settings, reg: Registered, params: Params, data: Path | Dataset,
          champion: tuple[int | None, dict[str, float] | None] | None = None) -> dict[str, Any]:
     """Compare the new version with the champion on the same data, then apply the decision.
 
-    ``champion`` is (version, metrics) when the caller has evaluated the champion already.
+    ``data``: the dataset the new version was evaluated on (or its folder, read again). ``champion`` is
+    (version, metrics) when the caller has evaluated the champion already. A decision already written
+    for this version (a retry after a failure past the alias move) is returned as it stands, not taken
+    again against the version itself.
     """
+    done = registry.written_decision(settings, reg.version)
+    if done is not None:
+        return done | {"challenger": reg.version, "challenger_metrics": reg.metrics}
     champ_v, champ_m = champion if champion is not None else champion_metrics(
-        settings, data_root, params.data.max_pixels)
-    decision = decide(reg.metrics, champ_m, params.gate)
-    registry.apply_decision(settings, reg.version, decision, champ_v, champ_m, reg.run_name)
+        settings, data, params.data.max_pixels)
+    decision = registry.apply_decision(settings, reg.version, decide(reg.metrics, champ_m, params.gate),
+                                       champ_v, champ_m, reg.run_name)
     tracking.client(settings).set_tag(reg.run_id, "cellscan.gate",
                                       ("promoted: " if decision.promoted else "rejected: ") + decision.reason)
     return {"promoted": decision.promoted, "reason": decision.reason, "challenger": reg.version,
@@ -144,9 +158,10 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
     run = open_run(settings, "register", logged, data, project, droot)
     ok = False
     try:
-        ev = evaluate_model(model, load_dataset(droot), calibrate=False, max_pixels=params.data.max_pixels)
+        dataset = load_dataset(droot)
+        ev = evaluate_model(model, dataset, calibrate=False, max_pixels=params.data.max_pixels)
         reg = register(settings, run, model, ev, bundle_dir)
-        out = gate(settings, reg, params, droot)
+        out = gate(settings, reg, params, dataset)
         ok = True
     finally:
         close_run(settings, run, ok)
@@ -276,6 +291,12 @@ def finetune_source(settings: Settings, params: Params) -> Any:
     want = params.data.image_size  # 0: the working size comes from the data (fine-tuning keeps the champion's)
     if model.channels != params.data.channels or (want and model.image_size != want):
         logger.warning("champion input shape differs from params: training afresh")
+        return None
+    from cellscan.core.model import build_network
+
+    mine = [w.shape for w in model.keras_model.get_weights()]
+    if mine != [w.shape for w in build_network(params.data.channels, params.model).get_weights()]:
+        logger.warning("the champion's network differs from params.model (filters, depth): training afresh")
         return None
     return model
 
