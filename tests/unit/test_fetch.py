@@ -65,6 +65,19 @@ def test_the_connection_goes_to_the_address_checked(server, monkeypatch):
     assert calls == ["rebind.test"]
 
 
+def test_an_internationalised_host_name_is_sent_in_its_ascii_form(server, monkeypatch):
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host in ("b\u00fccher.test", "xn--bcher-kva.test"):
+            return real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    body = fetch(f"http://b\u00fccher.test:{server}/img.png", FetchPolicy(allow=(f"127.0.0.1:{server}",)))
+    assert body == f"image-bytes:xn--bcher-kva.test:{server}".encode()  # httpx cannot send a non-ASCII Host
+
+
 def test_the_deadline_is_total_not_per_read(server):
     t0 = time.perf_counter()
     with pytest.raises(FetchError, match="longer than 1 s in all"):

@@ -152,6 +152,12 @@ def _pinned(url: str, ip: str) -> tuple[str, dict[str, str], dict[str, str]]:
     if parts.port:
         netloc += f":{port}"
     target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    if not host.isascii():  # an internationalised name goes on the wire in its ASCII (IDNA) form
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            msg = f"{url}: the host name is not a valid internationalised domain name"
+            raise FetchError(msg) from None
     host_header = (f"[{host}]" if ":" in host else host) + (f":{port}" if parts.port else "")
     return target, {"host": host_header}, ({"sni_hostname": host} if scheme == "https" else {})
 
