@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cellscan.serve.guard import GuardPolicy
+
 METHODS = ("get", "post", "put", "patch", "delete")
 EXAMPLE_VALUES = {"string": "...", "integer": 1, "number": 0.5, "boolean": False, "array": [], "object": {}}
 
@@ -81,8 +83,11 @@ def operations(spec: dict[str, Any]) -> list[dict[str, Any]]:
             if query:
                 url += "?" + "&".join(f"{p['name']}=..." for p in query)
             curl = f"curl -X {method.upper()} '{url}'"
-            if method != "get":
-                curl += " -H 'X-API-Key: $KEY'" if path in ("/retrain", "/anomaly", "/rollback") or "verdict" in path else ""
+            if method != "get":  # double quotes: the shell puts the key in (single ones would send "$KEY")
+                keyed = path in GuardPolicy.protected or "verdict" in path
+                curl += ' -H "X-API-Key: $KEY"' if keyed else ""
+                if path == "/edge/results":  # a raw JSON body (the rows cellscan-edge writes), no schema
+                    media, fields = "application/json", []
                 if "multipart" in media:
                     curl += "".join(f" -F '{f['name']}=@scan.png'" if "file" in f["type"] else "" for f in fields)
                     if not any("file" in f["type"] for f in fields):
@@ -92,6 +97,9 @@ def operations(spec: dict[str, Any]) -> list[dict[str, Any]]:
                         "image_url", "verdict", "version", "heatmap")}
                     if path.endswith("/verdict"):
                         example = {"verdict": "false_alarm"}
+                    if path == "/edge/results":
+                        example = {"host": "line-3", "records": [{"image": "scan.png", "anomaly_score": 2.1,
+                                                                  "threshold": 1.5, "is_anomaly": True}]}
                     curl += f" -H 'Content-Type: application/json' -d '{json.dumps(example)}'"
             answers = sorted((str(k), (v or {}).get("description", "")) for k, v in (op.get("responses") or {}).items())
             out.append({"path": path, "method": method.upper(), "summary": op.get("summary") or "",
