@@ -38,6 +38,7 @@ _SERVICES: list[Any] = []
 _SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("cellscan_source", default="upload")
 _BATCH: contextvars.ContextVar[str | None] = contextvars.ContextVar("cellscan_batch", default=None)
 NORMAL_NAMES = ("good", "normal", "ok", "train", "test", "temp", "validation", "ground_truth")
+HEATMAP_BATCH = 16  # a batch's heatmaps are held until the answer: at most this many per request
 
 
 @functools.cache
@@ -153,15 +154,33 @@ def monitoring_report_json() -> Any:
     return FileResponse(_report_file("latest.json"), media_type="application/json")
 
 
+_READ_LOGS: dict[str, Any] = {}
+
+
+def _read_log() -> Any:
+    """The prediction log the monitoring routes read: the service's own, or one per database while the
+    log is off (not one per request: each would open an engine and its connections, left to the GC)."""
+    from cellscan.mlops.monitor.predlog import PredictionLog
+
+    plog = getattr(_SERVICES[0], "plog", None) if _SERVICES else None
+    if plog is not None:
+        return plog.log
+    s = settings()
+    key = str(s.prediction_db)
+    if key not in _READ_LOGS:
+        _READ_LOGS.clear()
+        _READ_LOGS[key] = PredictionLog.from_settings(s)
+    return _READ_LOGS[key]
+
+
 @ops.get("/monitoring/batches")
 def monitoring_batches(days: int = 7) -> dict[str, Any]:
     """Per-request batch and per-day metrics from the prediction log (process time, time per prediction, ...)."""
     import time as _time
 
     from cellscan.mlops.monitor.batches import batch_metrics
-    from cellscan.mlops.monitor.predlog import PredictionLog
 
-    df = PredictionLog.from_settings(settings()).frame(since=_time.time() - 86400 * max(1, min(days, 366)))
+    df = _read_log().frame(since=_time.time() - 86400 * max(1, min(days, 366)))
     return {"batches": batch_metrics(df)[-100:], "days": batch_metrics(df, "day")}
 
 
@@ -259,7 +278,11 @@ def _files_only() -> None:
             if text_only and not all(isinstance(v, str) for v in form.getlist(k)):
                 msg = f"form field {k!r} takes text, got a file; upload images as image or images"
                 raise BadRequest(msg)
-        return await original(self, request, cls)
+        try:
+            return await original(self, request, cls)
+        except RecursionError:  # BentoML json.loads each text field and catches only JSONDecodeError
+            msg = "a form field's JSON is nested too deeply; expected plain values (true, false, a URL)"
+            raise BadRequest(msg) from None
 
     def takes_files(annotation: Any) -> bool:
         return annotation is Path or any(takes_files(a) for a in typing.get_args(annotation))
@@ -464,6 +487,8 @@ class Cellscan:
         t0 = time.perf_counter()
         async with self._decodes:  # a bounded number of decodes at once: each can take hundreds of MB
             x, native, used = await asyncio.to_thread(self._decode, name, data)
+        if not heatmap:  # the image at its own size (up to 64 MB) is not held while the batch queues
+            native = None
         record, amap, version = await self.batcher.score(x, used)
         if not all(math.isfinite(float(record.get(k) or 0.0)) for k in ("anomaly_score", "reconstruction_error")):
             # never into the score metric or the prediction log: one NaN would poison them for good
@@ -473,7 +498,9 @@ class Cellscan:
         if heatmap:  # at the size of the image sent
             from cellscan.core.plots import overlay_png
 
-            png = await asyncio.to_thread(overlay_png, native, amap, record["threshold"])
+            async with self._decodes:  # rendering at full size costs as much as decoding
+                png = await asyncio.to_thread(overlay_png, native, amap, record["threshold"])
+            native = None
             record["heatmap_png"] = base64.b64encode(png).decode()
         self.m_latency.observe(time.perf_counter() - t0)
         self.m_score.observe(record["anomaly_score"])
@@ -510,6 +537,10 @@ class Cellscan:
             items = [(u, None) for u in image_urls] + [(None, p) for p in images]
             if len(items) > 256:
                 raise BadRequest(f"a batch holds at most 256 images, got {len(items)}")
+            if heatmap and len(items) > HEATMAP_BATCH:  # each overlay is the image's size, held to the answer
+                msg = (f"heatmap: true takes at most {HEATMAP_BATCH} images per request, got {len(items)}; "
+                       "send smaller batches or heatmap: false")
+                raise BadRequest(msg)
 
             async def item(i: int, u: str | None, p: Path | None) -> dict[str, Any]:
                 try:

@@ -288,6 +288,12 @@ CASES = [
      {"files": {"image": ("a" * 9000 + ".png", _png(), "image/png")}}, 400, "bad_request", "multipart"),
     ("file-in-a-text-field", "POST", "/predict", {"files": {"image_url": ("x.png", _png(), "image/png")}},
      400, "bad_request", "takes text"),
+    ("deep-form-field", "POST", "/predict", {"files": {"image": ("a.png", _png(), "image/png")},
+                                             "data": {"heatmap": "[" * 5000}}, 400, "bad_request",
+     "nested too deeply"),
+    ("heatmap-batch-too-big", "POST", "/predict",
+     {"json": {"image_urls": ["http://example.com/a.png"] * 17, "heatmap": True}}, 400, "bad_request",
+     "at most 16"),
 ]
 
 

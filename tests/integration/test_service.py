@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -142,6 +143,19 @@ def test_predict_by_url_upload_batch_and_heatmap(served):
         sent = c.post("/predict", data={"heatmap": "true"},
                       files={"image": ("wide.png", encode_png(wide), "image/png")}).json()
         assert Image.open(io.BytesIO(base64.b64decode(sent["heatmap_png"]))).size == (90, 40)
+        # The scan's page draws the same overlay again: concurrent requests, one model call at a time.
+        scan = None
+        for _ in range(40):  # the prediction log writes in a background thread
+            rows = re.findall(r'data-scan="(\d+)">(.*?)</tr>', c.get("/ui/scans").text, re.S)
+            scan = next((sid for sid, row in rows if "<td>wide.png</td>" in row), None)
+            if scan:
+                break
+            time.sleep(0.25)
+        assert scan, c.get("/ui/scans").text[:2000]
+        with ThreadPoolExecutor(4) as pool:
+            drawn = list(pool.map(lambda _: c.get(f"/ui/scans/{scan}/heatmap.png"), range(4)))
+        assert [r.status_code for r in drawn] == [200] * 4
+        assert {Image.open(io.BytesIO(r.content)).size for r in drawn} == {(90, 40)}
         metrics = c.get("/metrics").text
         assert "cellscan_predictions_total" in metrics and "cellscan_batch_size" in metrics
 

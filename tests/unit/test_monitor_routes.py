@@ -46,3 +46,18 @@ def test_batch_and_day_metrics_from_the_log(ops, tmp_path):
     assert len(body["days"]) == 1
     text = ops.get("/monitoring/metrics").text
     assert "cellscan_day_anomaly_rate" in text and 'verdict="anomaly"' in text
+
+
+def test_the_metrics_routes_open_the_log_once(ops, monkeypatch):
+    opened = []
+    real = PredictionLog.from_settings.__func__
+
+    def counted(cls, settings):  # type: ignore[no-untyped-def]
+        opened.append(settings.prediction_db)
+        return real(cls, settings)
+
+    monkeypatch.setattr(PredictionLog, "from_settings", classmethod(counted))
+    for _ in range(5):  # a Prometheus scrape every 15 s: one engine, not one per scrape
+        assert ops.get("/monitoring/metrics").status_code == 200
+        assert ops.get("/monitoring/batches").status_code == 200
+    assert len(opened) <= 1

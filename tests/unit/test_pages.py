@@ -118,9 +118,32 @@ def test_operations_build_examples():
     assert '"heatmap": false' in op["curl"] and op["answers"] == [("200", "ok")]
 
 
+def test_curl_examples_send_the_key_from_the_shell(tmp_path):
+    import json
+    import shlex
+    import subprocess
+
+    spec = {"paths": {"/rollback": {"post": {"requestBody": {"content": {"application/json": {
+        "schema": {"properties": {"version": {"type": "integer"}}}}}}}},
+        "/edge/results": {"post": {"summary": "Edge results"}}}}
+    ops = {op["path"]: op for op in operations(spec)}
+    for path in ("/rollback", "/edge/results"):  # each word as bash passes it to curl, with KEY set
+        shown = ops[path]["curl"].replace("curl ", "printf '%s\\n' ", 1)
+        words = subprocess.run(["bash", "-c", shown], env={"KEY": "k3y"}, capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+        assert "X-API-Key: k3y" in words, ops[path]["curl"]
+    words = shlex.split(ops["/edge/results"]["curl"])
+    assert "Content-Type: application/json" in words
+    body = json.loads(words[words.index("-d") + 1])
+    from cellscan.serve.edgelog import edge_rows
+
+    assert len(edge_rows(body)[0]) == 1  # the example is a body the endpoint takes
+
+
 @pytest.mark.parametrize(("uri", "url"), [
     ("http://127.0.0.1:5000/", "http://127.0.0.1:5000/#/experiments/7/runs/r1"),  # the MLflow server: its UI
     ("sqlite:///proj/mlflow/mlflow.db", None),  # a local store has no UI to link to
+    ("https://ops:s3cret@mlflow.lan/", "https://mlflow.lan/#/experiments/7/runs/r1"),  # no password in a link
 ])
 def test_mlflow_run_links(uri, url):
     assert mlflow_run_url(uri, "7", "r1") == url
@@ -198,6 +221,46 @@ def test_a_missed_defect_named_dot_dot_is_stored_under_a_file_name(ui):
     r = ui.post("/ui/scans/3/verdict", json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY})
     assert r.status_code == 200, r.text
     assert seen == [("scan.png", True)]
+
+
+def test_a_missed_defect_with_a_long_multibyte_name_is_recorded(ui):
+    from service import service
+
+    seen = []
+
+    async def store_and_run(kind, role, image_url, path, wait):  # type: ignore[no-untyped-def]
+        seen.append((path.name, path.is_file()))
+        return {"stored": ["data/anomaly/x.png"], "job_id": "j1"}
+
+    fake = service._SERVICES[0]
+    fake._store_and_run = store_and_run
+    x = np.full((8, 8, 1), 0.25, np.float32)
+    rec = {"anomaly_score": 0.1, "reconstruction_error": 0.0, "threshold": 1.0, "is_anomaly": False}
+    name = "\u6f22" * 100 + ".png"  # 100 characters from a URL, 304 bytes: over the file system's 255
+    item = Item(x, encode_png(x[..., 0]), rec, None, "url", name, 1, 0.01)
+    PredictionLog.from_settings(fake.settings).write([item])
+    r = ui.post("/ui/scans/3/verdict", json={"verdict": "missed_defect"}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    assert seen == [("scan.png", True)]
+
+
+def test_the_models_page_shows_no_tracking_password(ui):
+    import dataclasses
+
+    from service import service
+
+    from cellscan.serve.health import TrackingProbe
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fake = service._SERVICES[0]
+    fake.settings = dataclasses.replace(fake.settings, tracking_uri=f"http://ops:s3cret@127.0.0.1:{port}")
+    fake.probe = TrackingProbe(fake.settings.tracking_uri)
+    r = ui.get("/ui/models")
+    assert r.status_code == 503, r.text
+    assert f"127.0.0.1:{port}" in r.text
+    assert "s3cret" not in r.text
 
 
 def test_a_heatmap_that_needs_another_version_says_why_it_cannot_be_drawn(ui):

@@ -55,13 +55,21 @@ def render(name: str, status: int = 200, **ctx: Any) -> Any:
 def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
     """The run's page in the MLflow UI when the tracking URI is the MLflow server itself (else None).
 
+    A user name and password in the URI stay out of the link (the browser asks for them).
+
     Example:
         >>> mlflow_run_url("http://127.0.0.1:5000/", "1", "abc")
         'http://127.0.0.1:5000/#/experiments/1/runs/abc'
+        >>> mlflow_run_url("https://ops:s3cret@mlflow.lan/", "1", "abc")
+        'https://mlflow.lan/#/experiments/1/runs/abc'
     """
+    from urllib.parse import urlsplit, urlunsplit
+
     if not (tracking_uri.startswith(("http://", "https://")) and experiment_id and run_id):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    parts = urlsplit(tracking_uri)
+    base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _error(status: int, message: str, code: str) -> Any:
@@ -79,6 +87,7 @@ class Pages:
         self._log: Any = None
         self._verdicts: VerdictStore | None = None
         self._models: dict[int, Any] = {}
+        self._overlays: dict[tuple[Any, Any], bytes] = {}
 
     @property
     def log(self) -> Any:
@@ -88,7 +97,7 @@ class Pages:
 
             plog = getattr(svc, "plog", None)
             self._log = plog.log if plog is not None else PredictionLog.from_settings(svc.settings)
-            self._owner, self._verdicts, self._models = svc, None, {}
+            self._owner, self._verdicts, self._models, self._overlays = svc, None, {}, {}
         return self._log
 
     @property
@@ -165,14 +174,26 @@ class Pages:
             self._models = {version: loaded}  # keep one extra model at most
         return self._models[version]
 
-    def heatmap_png(self, scan: dict[str, Any], data: bytes) -> bytes:
+    async def heatmap_png(self, scan: dict[str, Any], data: bytes) -> bytes:
+        """The scan's overlay, drawn as /predict draws one: decoding and drawing within the service's bound
+        on full-size work at once, the model called through its batcher (never two calls at once), the
+        last few overlays kept (an open page: a burst of requests for one scan draws it once)."""
         from cellscan.core.plots import overlay_png
 
         svc = self.service()
-        model = self.model_for(scan.get("model_version"))
-        x, native = model.load_pair(data, max_pixels=min(svc.params.data.max_pixels, svc.settings.max_image_pixels))
-        res = model.score_arrays(x[None])
-        return overlay_png(native, res.maps[0], scan.get("threshold"))
+        key = (scan.get("id"), scan.get("model_version"))
+        if key in self._overlays:
+            return self._overlays[key]
+        model = await asyncio.to_thread(self.model_for, scan.get("model_version"))
+        version = scan.get("model_version") or svc.holder.version
+        pixels = min(svc.params.data.max_pixels, svc.settings.max_image_pixels)
+        async with svc._decodes:
+            x, native = await asyncio.to_thread(model.load_pair, data, max_pixels=pixels)
+        _, amap, _ = await svc.batcher.score(x, (model, version))
+        async with svc._decodes:
+            png = await asyncio.to_thread(overlay_png, native, amap, scan.get("threshold"))
+        self._overlays = {**dict(list(self._overlays.items())[-7:]), key: png}  # the last 8
+        return png
 
     # -- verdicts --------------------------------------------------------------------------------
     async def record(self, scan: dict[str, Any], verdict: str, by: str) -> tuple[int, dict[str, Any]]:
@@ -208,7 +229,7 @@ class Pages:
                     note = f"already in the dataset: {shown(where, svc.project)}"
         elif verdict == "missed_defect":  # a known anomaly and the threshold re-evaluation (what /anomaly does)
             with tempfile.TemporaryDirectory(prefix="cellscan-verdict-") as tmp:
-                path = Path(tmp) / name
+                path = Path(tmp) / (name if len(name.encode()) <= 100 else "scan" + Path(name).suffix[:10])
                 path.write_bytes(data)  # type: ignore[arg-type]
                 try:
                     answer = await svc._store_and_run("anomaly", "anomaly", None, path, False)
@@ -301,7 +322,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
         if data is None:
             return _error(404, f"no kept image for scan {scan_id}", "not_found")
         try:
-            png = await asyncio.to_thread(pages.heatmap_png, scan, data)  # type: ignore[arg-type]
+            png = await pages.heatmap_png(scan, data)  # type: ignore[arg-type]
         except NoModelError as exc:
             return _error(503, str(exc), "no_model")
         except RegistryError as exc:
@@ -346,12 +367,13 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
     @r.get("/ui/models", summary="Model versions, metrics, champion, rollback (HTML)")
     def models_page() -> Any:
         from cellscan.mlops import registry
+        from cellscan.serve.health import redact
 
         svc = service()
         problem = svc.probe.error()
         if problem is not None:  # MLflow down: say so now rather than wait on the client's retries
             return render("models.html", 503, nav=nav, page="models", versions=[], serving=svc.holder.version,
-                          tracking=svc.settings.tracking_uri, unavailable=problem)
+                          tracking=redact(svc.settings.tracking_uri), unavailable=problem)
         versions = registry.list_versions(svc.settings)
         uri = svc.settings.tracking_uri
         if uri.startswith(("http://", "https://")):
@@ -363,7 +385,7 @@ def build_router(service: Callable[[], Any], openapi: Callable[[], dict[str, Any
                     exp = None
                 v["mlflow_url"] = mlflow_run_url(uri, exp, v.get("run_id"))
         return render("models.html", nav=nav, page="models", versions=versions, serving=svc.holder.version,
-                      tracking=svc.settings.tracking_uri)
+                      tracking=redact(svc.settings.tracking_uri))  # an open page: no password on it
 
     @r.get("/ui/monitoring", summary="Anomaly rate per day and the latest drift report (HTML)")
     def monitoring_page() -> Any:
