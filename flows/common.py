@@ -40,8 +40,8 @@ def version_data(project: Path, droot: Path) -> pipeline.DataVersion:
 
 @task(name="open-mlflow-run", retries=2, retry_delay_seconds=[3, 9], cache_policy=NO_CACHE)
 def open_run(settings: Settings, kind: str, params: Params, data: pipeline.DataVersion, project: Path,
-             droot: Path) -> Any:
-    run = pipeline.open_run(settings, kind, params, data, project, droot)
+             droot: Path, init_from: Any = None) -> Any:
+    run = pipeline.open_run(settings, kind, params, data, project, droot, init_from=init_from)
     print(f"MLflow run {run.name} ({run.run_id}) on data {data.hash or 'unversioned'}")
     return run
 
@@ -76,7 +76,7 @@ def train_and_register(settings: Settings, root: Path, params: Params, data: pip
     gets ``registered`` as soon as a version exists: a caller that undoes its work after a failure keeps
     it once a version was made from it."""
     droot = data_root(root, params)
-    run = open_run(settings, kind, params, data, root, droot)
+    run = open_run(settings, kind, params, data, root, droot, init_from)
     ok = False
     try:
         images = load_dataset(droot)  # read once: the gate scores the champion on the images trained on

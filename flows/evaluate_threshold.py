@@ -11,7 +11,13 @@ from cellscan.mlops import steps as pipeline
 from flows.common import context, main, data_root, version_data
 
 
-@task(name="reevaluate-threshold", retries=1, retry_delay_seconds=[5], cache_policy=NO_CACHE)
+def nothing_registered(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only a failure before a version was registered (a retry from the start would add another)."""
+    return getattr(state.result(raise_on_failure=False), "cellscan_registered", None) is None
+
+
+@task(name="reevaluate-threshold", retries=1, retry_delay_seconds=[5], retry_condition_fn=nothing_registered,
+      cache_policy=NO_CACHE)
 def reevaluate(settings: Any, params: Any, root: Any, data: Any, project: Any) -> dict[str, Any]:
     return pipeline.reevaluate(settings, params, root, data, project)
 

@@ -495,7 +495,8 @@ def models_show(
         _dump(info)
         return
     head = Table(title=f"{_settings().model_name} version {info['version']} {','.join(info['aliases'])}", show_header=False)
-    for k in ("run_name", "run_id", "kind", "data_hash", "git_commit", "duration_s", "gate", "compared_with", "description"):
+    for k in ("run_name", "run_id", "kind", "finetuned_from", "data_hash", "git_commit", "duration_s", "gate",
+              "compared_with", "description"):
         head.add_row(k, _num(info.get(k)) if info.get(k) is not None else "-")
     out.print(head)
     champ = info.get("champion_metrics") or {}
@@ -531,7 +532,9 @@ def models_reproduce(
         _dump(res)
         return
     same = "same data" if res["same_data"] else f"DIFFERENT data ({res['restored_hash']})"
-    t = Table(title=f"reproduce version {res['version']} ({res['run_name']}, data {res['data_hash']}: {same})")
+    start = f", fine-tuned from version {res['finetuned_from']}" if res.get("finetuned_from") else ""
+    t = Table(title=f"reproduce version {res['version']} ({res['run_name']}, data {res['data_hash']}: "
+                    f"{same}{start})")
     for col in ("metric", "logged", "reproduced", "difference"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for k in sorted(res["diff"]):

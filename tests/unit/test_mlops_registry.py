@@ -155,6 +155,52 @@ def test_finetuning_starts_afresh_when_params_change_the_network(trained, model_
     assert steps.finetune_source(store, tiny_params(**{"model.head_depth": 3})) is None
 
 
+def test_a_reevaluation_whose_gate_fails_is_not_retried_into_a_second_version(trained, model_dir, store,
+                                                                             dataset_dir, monkeypatch):
+    from flows.evaluate_threshold import nothing_registered
+    from prefect.states import Failed
+
+    from cellscan.mlops import steps
+    from tests.conftest import tiny_params
+
+    _register(store, model_dir, {"image_auroc": 0.9, "f1": 0.9}, None)
+
+    def gate_down(*args, **kwargs):  # type: ignore[no-untyped-def]
+        msg = "tracking server went away"
+        raise ConnectionError(msg)
+
+    real_gate = steps.gate
+    monkeypatch.setattr(steps, "gate", gate_down)
+    with pytest.raises(ConnectionError) as info:
+        steps.reevaluate(store, tiny_params(), dataset_dir, steps.DataVersion(None, None), dataset_dir.parent)
+    assert info.value.cellscan_registered == 2
+    assert "version 2 was registered" in info.value.__notes__[0]
+    assert not nothing_registered(None, None, Failed(data=info.value))  # Prefect does not retry it
+    assert nothing_registered(None, None, Failed(data=ConnectionError("before any version")))
+    # The threshold version's run logs the params its network was trained with, not params.yaml's, and
+    # reproducing it says which version holds the training.
+    params = tiny_params(**{"train.epochs": 9})  # the project's params.yaml changed since
+    monkeypatch.setattr(steps, "gate", real_gate)
+    out = steps.reevaluate(store, params, dataset_dir, steps.DataVersion(None, None), dataset_dir.parent)
+    assert registry.lineage(store, out["version"])["params"]["train.epochs"] == "3"
+    with pytest.raises(RegistryError, match="is version 1's network with the threshold re-evaluated"):
+        steps.reproduce(store, out["version"], dataset_dir.parent)
+
+
+def test_a_finetuning_run_records_the_version_it_started_from(trained, model_dir, store, tmp_path):
+    from cellscan.mlops import steps
+    from tests.conftest import tiny_params
+
+    _register(store, model_dir, {"image_auroc": 0.9, "f1": 0.9}, None)
+    init = steps.finetune_source(store, tiny_params())
+    none = steps.DataVersion(None, None)
+    run = steps.open_run(store, "retrain", tiny_params(), none, tmp_path, init_from=init)
+    version = tracking.log_and_register(store, run, model_dir)
+    tracking.close_run(store, run)
+    assert registry.lineage(store, version)["finetuned_from"] == "1"  # reproduce starts from version 1 again
+    assert registry.lineage(store, 1)["finetuned_from"] is None
+
+
 def test_run_records_params_and_data_files(store, tmp_path):
     (tmp_path / "d" / "cells" / "train").mkdir(parents=True)
     (tmp_path / "d" / "cells" / "train" / "a.png").write_bytes(b"x")

@@ -190,6 +190,7 @@ def lineage(settings: Settings, ref: int | str) -> dict[str, Any]:
         "version": int(mv.version), "aliases": sorted(aliases), "description": mv.description or "",
         "run_id": mv.run_id, "run_name": run.get("run_name"),
         "kind": run.get("tags", {}).get("cellscan.kind"),
+        "finetuned_from": run.get("tags", {}).get("cellscan.finetuned_from"),
         "data_hash": run.get("tags", {}).get("data_hash"),
         "git_commit": run.get("tags", {}).get("git_commit"),
         "datasets": run.get("datasets", []),

@@ -59,12 +59,19 @@ class Registered:
     metrics: dict[str, float]
 
 
+FINETUNED_TAG = "cellscan.finetuned_from"  # the registered version a training started from
+
+
 def open_run(settings: Settings, kind: str, params: Params | None, data: DataVersion, project: Path,
-             data_root: Path | None = None, name: str | None = None) -> tracking.RunInfo:
-    """Start the MLflow run that will record this training (call before training)."""
+             data_root: Path | None = None, name: str | None = None, init_from: Any = None,
+             ) -> tracking.RunInfo:
+    """Start the MLflow run that will record this training (call before training); ``init_from``: the model
+    it fine-tunes (from :func:`finetune_source`), whose version the run records."""
+    parent = getattr(init_from, "meta", {}).get("registered_version") if init_from is not None else None
     return tracking.open_run(
         settings, kind, params=params.to_dict() if params else None, data_hash=data.hash,
         dvc_file=data.dvc_file, data_root=data_root, git_commit=versioning.git_commit(project), name=name,
+        extra_tags={FINETUNED_TAG: str(parent)} if parent is not None else None,
     )
 
 
@@ -256,8 +263,15 @@ def reevaluate(settings: Settings, params: Params, data_root: Path, data: DataVe
     are recomputed; the old version keeps its threshold. The champion is evaluated once: that
     evaluation is both the new version's and the champion's side of the gate.
     """
+    from cellscan.core.config import params_from_dict
+
     model, version = registry.load_model(registry.CHAMPION, settings)
-    run = open_run(settings, "threshold", params, data, project, data_root)
+    logged = params  # the data and the gate follow params.yaml; the run logs the params the network had
+    try:
+        logged = params_from_dict(model.meta["params"])
+    except Exception as exc:  # noqa: BLE001 (an older bundle: params.yaml)
+        logger.warning("the champion's params are unreadable (%s): logging params.yaml instead", exc)
+    run = open_run(settings, "threshold", logged, data, project, data_root)
     ok = False
     try:
         ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=params.data.max_pixels)
@@ -265,8 +279,13 @@ def reevaluate(settings: Settings, params: Params, data_root: Path, data: DataVe
         with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
             bundle = new.save(Path(tmp) / "bundle")
             reg = register(settings, run, new, ev, bundle)
-        decision = gate(settings, reg, params, data_root,
-                        champion=(version, {k: float(v) for k, v in ev.metrics.items()}))
+        try:
+            decision = gate(settings, reg, params, data_root,
+                            champion=(version, {k: float(v) for k, v in ev.metrics.items()}))
+        except Exception as exc:  # a retry from the start would register another version: the caller sees it
+            exc.cellscan_registered = reg.version  # type: ignore[attr-defined]
+            exc.add_note(f"version {reg.version} was registered; the gate did not decide on it")
+            raise
         ok = True
     finally:
         close_run(settings, run, ok)
@@ -287,7 +306,8 @@ def finetune_source(settings: Settings, params: Params) -> Any:
     """The champion to fine-tune from, or None for a fresh start (no champion or mode fresh)."""
     if params.retrain.mode != "finetune" or registry.champion_version(settings) is None:
         return None
-    model, _ = registry.load_model(registry.CHAMPION, settings)
+    model, version = registry.load_model(registry.CHAMPION, settings)
+    model = model.with_threshold(model.threshold, registered_version=version)  # the run records it
     want = params.data.image_size  # 0: the working size comes from the data (fine-tuning keeps the champion's)
     if model.channels != params.data.channels or (want and model.image_size != want):
         logger.warning("champion input shape differs from params: training afresh")
@@ -346,19 +366,27 @@ def reproduce(settings: Settings, ref: int | str, project: Path, workdir: Path |
 
     info = registry.lineage(settings, ref)
     run_id = info["run_id"]
+    if info["kind"] == "threshold":  # no training to repeat: the network is its parent's
+        parent = registry.load_model(info["version"], settings)[0].meta.get("parent_version")
+        msg = (f"version {info['version']} is version {parent}'s network with the threshold re-evaluated on "
+               f"newer data; nothing was trained: reproduce version {parent}")
+        raise RegistryError(msg)
     dvc_text = tracking.load_dvc_file(settings, run_id)
     if dvc_text is None:
         msg = f"version {info['version']}: its run {info['run_name']} logged no data.dvc (data was unversioned)"
         raise RegistryError(msg)
     params = params_from_dict(tracking.load_params_dict(settings, run_id))
+    parent = info.get("finetuned_from")  # a fine-tuning starts from that version's weights again
+    init = registry.load_model(int(parent), settings)[0] if parent else None
     with tempfile.TemporaryDirectory(prefix="cellscan-reproduce-") as tmp:
         work = workdir or Path(tmp)
         restored = versioning.restore_into(project, dvc_text, work)
-        result = train(params, _moved_root(params, project, work))
+        result = train(params, _moved_root(params, project, work), init_from=init)
     new = tracking.finite(result.evaluation.metrics)
     old = {k: float(v) for k, v in info["metrics"].items() if k in new}
     return {
         "version": info["version"], "run_name": info["run_name"], "data_hash": info["data_hash"],
+        "finetuned_from": int(parent) if parent else None,
         "restored_hash": restored, "same_data": restored == info["data_hash"],
         "logged": old, "reproduced": new, "diff": {k: new[k] - old[k] for k in old},
     }
