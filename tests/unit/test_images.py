@@ -47,6 +47,17 @@ def test_resize_to_square():
     assert out.shape == (16, 16, 1) and out.dtype == np.float32
 
 
+def test_32bit_integer_pixels_keep_the_16bit_scale_and_signed_ones_are_refused():
+    # A dark slice and a bright one of the same scanner: the same value is the same grey level in both.
+    dark = decode_image(_bytes(Image.fromarray(np.array([[100, 200]], np.int32)), "TIFF"))
+    bright = decode_image(_bytes(Image.fromarray(np.array([[200, 3000]], np.int32)), "TIFF"))
+    assert dark[0, 1, 0] == pytest.approx(bright[0, 0, 0]) == pytest.approx(200 / 65535)
+    with pytest.raises(ImageError, match=r"from -1000 to 200 .*HU \+ 1024"):  # Hounsfield units: not clipped
+        decode_image(_bytes(Image.fromarray(np.array([[-1000, 200]], np.int16)), "TIFF"))
+    with pytest.raises(ImageError, match="expected unsigned 8- or 16-bit"):
+        decode_image(_bytes(Image.fromarray(np.array([[0, 70000]], np.int32)), "TIFF"))
+
+
 def test_float_tiff_is_min_max_scaled():
     arr = np.array([[-2.0, 0.0, 2.0]], dtype=np.float32)
     out = decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"))
@@ -245,6 +256,21 @@ def test_a_broken_image_or_mask_read_for_its_size_or_as_a_mask_is_named(tmp_path
         load_mask(tmp_path / "empty.png", 8)
     with pytest.raises(ImageError, match="cut_mask.png: truncated or corrupt ground-truth mask"):
         load_mask(tmp_path / "cut_mask.png", 8)
+
+
+def test_masks_are_read_whatever_their_encoding(tmp_path):
+    from cellscan.core.images import load_mask
+
+    defect = np.zeros((16, 16), np.uint8)
+    defect[4:8, 4:8] = 1
+    Image.fromarray(defect * 255).save(tmp_path / "mvtec.png")  # 0 / 255
+    Image.fromarray(defect).save(tmp_path / "labels.png")  # 0 / 1 label image
+    red = Image.fromarray(np.stack([defect * 255, defect * 0, defect * 0], -1)).convert("P")  # a red defect
+    red.save(tmp_path / "palette.png")
+    Image.fromarray(defect * 255).save(tmp_path / "noisy.jpg", quality=60)  # JPEG noise around the edges
+    for name in ("mvtec.png", "labels.png", "palette.png"):
+        assert load_mask(tmp_path / name, 16).sum() == 16, name
+    assert abs(int(load_mask(tmp_path / "noisy.jpg", 16).sum()) - 16) <= 2  # noise is not a defect
 
 
 def test_pages_of_a_jpeg_compressed_stack_keep_their_pixels():

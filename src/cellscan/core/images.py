@@ -199,11 +199,14 @@ def iter_file_pages(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 def _to_float(img: Image.Image, channels: int) -> np.ndarray:
     """Convert a decoded image to float32 (H, W, C) in [0, 1]."""
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
+    if mode.startswith("I;16") or mode == "I":  # 16-bit, or 32-bit integers (signed 16-bit TIFFs read so)
         arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
-        gray = np.clip(arr / top, 0.0, 1.0)
-        out = gray[..., None]
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        if lo < 0 or hi > 65535:  # never clipped, never scaled by what one image holds
+            msg = (f"integer pixels from {lo:g} to {hi:g} (signed or 32-bit data); expected unsigned 8- or "
+                   "16-bit values: add an offset (CT numbers: HU + 1024) and save as 16-bit, or as float")
+            raise ImageError(msg)
+        out = (arr / np.float32(65535.0))[..., None]
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         if not np.isfinite(arr).all():
@@ -326,8 +329,10 @@ def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
         return np.zeros((h, w), dtype=bool)
     with _named_errors(path, "the ground-truth mask is not an image; expected a PNG of 0 and 255",
                        "truncated or corrupt ground-truth mask"), Image.open(path) as img:
-        small = img.convert("L").resize((w, h), Image.NEAREST)
-    return np.asarray(small) > 127
+        exact = img.mode in ("1", "P")  # palette masks (a red defect) and bilevel ones have no grey noise
+        small = np.asarray(img.convert("L").resize((w, h), Image.NEAREST))
+    # 0/255 as MVTec's (a JPEG's noise stays under half); 0/1 label images and palette masks: any non-zero
+    return small > (0 if exact or small.max(initial=0) <= 1 else 127)
 
 
 def load_batch(paths: list[Path], *, size: int | tuple[int, int], channels: int,
