@@ -46,6 +46,14 @@ def test_calibration_uses_anomalies_when_present():
     assert calibrate_threshold(normal, np.array([0.9]), 0.5) == pytest.approx(0.6)
 
 
+def test_anomalies_that_score_below_the_normals_leave_the_normals_quantile():
+    normal = np.array([0.5, 0.6, 0.7, 0.8])
+    t = calibrate_threshold(normal, np.array([0.1, 0.05]), 0.75)
+    assert t == pytest.approx(np.quantile(normal, 0.75))  # F1's best flags every normal to catch one
+    assert (normal > t).sum() == 1
+    assert calibrate_threshold(normal, np.array([0.1]), 0.75) == pytest.approx(0.725)  # F1 0 everywhere
+
+
 def test_aggregations():
     m = np.zeros((2, 10, 10))
     m[0, 0, :5] = 1.0
@@ -110,6 +118,23 @@ def test_detection_by_defect_size_counts_each_band_against_all_normals():
     assert got["16-40"]["recall"] == pytest.approx(0.5)  # 0.7 over the threshold, 0.5 not
     assert got["40-100"] == {"n": 1, "image_auroc": 1.0, "recall": 1.0}
     assert Evaluation(0.5, {}, labels, scores, [], [], np.zeros((6, 16, 16))).by_area() == {}  # no masks
+
+
+def test_pixel_auroc_leaves_out_defects_without_a_mask(trained, dataset_dir, tmp_path):
+    import shutil
+
+    from cellscan.core.data import load_dataset
+    from cellscan.core.evaluate import evaluate_model
+
+    data = tmp_path / "cells"
+    shutil.copytree(dataset_dir, data)
+    masks = sorted((data / "ground_truth").rglob("*.png"))
+    masks[0].unlink()  # one known anomaly without its mask (the roles layout has none)
+    ev = evaluate_model(trained.model, load_dataset(data))
+    marked = np.array([label == 0 or m.any() for label, m in zip(ev.labels, ev.masks, strict=True)])
+    assert not marked.all()
+    assert ev.metrics["pixel_auroc"] == pytest.approx(pixel_auroc(ev.maps[marked], ev.masks[marked]))
+    assert ev.metrics["pixel_auroc"] != pytest.approx(pixel_auroc(ev.maps, ev.masks))  # not all-negative
 
 
 def test_pixel_auroc():

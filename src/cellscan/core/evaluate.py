@@ -173,6 +173,7 @@ def evaluate_model(
     masks = None
     if dataset.has_masks:
         masks = np.stack([load_mask(s.mask, size) for s in samples])
-        metrics["pixel_auroc"] = pixel_auroc(res.maps, masks)
+        marked = np.array([s.label == 0 or s.mask is not None for s in samples])  # an unmarked defect is no
+        metrics["pixel_auroc"] = pixel_auroc(res.maps[marked], masks[marked])  # evidence of normal pixels
     return Evaluation(threshold, metrics, labels, res.scores, [s.defect for s in samples],
                       [s.path for s in samples], res.maps, masks)

@@ -787,9 +787,20 @@ def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate_threshold(normal_scores: np.ndarray, anomaly_scores: np.ndarray | None, quantile: float) -> float:
-    """F1-optimal threshold where known anomalies exist, else the ``quantile`` of the normal scores."""
+    """F1-optimal threshold where known anomalies exist, else the ``quantile`` of the normal scores.
+
+    Where the F1-optimal threshold catches no known anomaly or flags every normal (the anomalies score
+    below the normals), the quantile of the normals again: such a threshold would flag every scan.
+
+    Example:
+        >>> calibrate_threshold(np.array([0.5, 0.6, 0.7, 0.8]), np.array([0.1]), 0.75)  # not 0.3
+        0.725
+    """
     if anomaly_scores is None or len(anomaly_scores) == 0:
         return quantile_threshold(normal_scores, quantile)
     scores = np.concatenate([normal_scores, anomaly_scores])
     labels = np.concatenate([np.zeros(len(normal_scores)), np.ones(len(anomaly_scores))])
-    return f1_threshold(scores, labels)
+    t = f1_threshold(scores, labels)
+    if not np.any(np.asarray(anomaly_scores) > t) or np.all(np.asarray(normal_scores) > t):
+        return quantile_threshold(normal_scores, quantile)
+    return t
