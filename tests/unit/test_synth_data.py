@@ -56,6 +56,25 @@ def test_both_layouts_resolve_to_the_same_roles(tmp_path):
     assert all(s.mask is not None for s in m.anomalies + r.anomalies)
 
 
+def test_hidden_and_nas_folders_are_not_defect_types(tmp_path):
+    import shutil
+
+    from cellscan.core.data import folder_images
+
+    root = tmp_path / "cells"
+    generate(root, size=16, n_train=4, n_test_good=2, n_per_defect=1, seed=0)
+    before = load_dataset(root)
+    some = before.validation[0].path
+    for junk in ("test/.thumbs", "test/@eaDir", "train/good/@eaDir"):
+        (root / junk).mkdir(parents=True)
+        shutil.copy(some, root / junk / "c.png")
+    shutil.copy(some, root / "test" / "good" / "._c.png")  # macOS resource fork beside the image
+    after = load_dataset(root)
+    assert {s.defect for s in after.anomalies} == {s.defect for s in before.anomalies}
+    assert (len(after.anomalies), len(after.validation)) == (len(before.anomalies), len(before.validation))
+    assert folder_images(root / "train") == folder_images(root / "train" / "good") == before.train
+
+
 def test_mapping_is_defined_once():
     assert folder_for("mvtec", "anomaly", "void") == "test/void"
     assert folder_for("roles", "validation") == "validation"
