@@ -151,6 +151,10 @@ def synth(
     p = load_params(params, parse_overrides(overrides or []))
     root = out_dir or Path(p.data.root)
     s = p.synth
+    here = Path.cwd().resolve()
+    if root.resolve() == here or root.resolve() in here.parents:  # --out . would swap the folder one works in
+        msg = f"{root} holds the current folder; expected a folder for the dataset (data/cells)"
+        raise DatasetError(msg)
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         msg = f"{root} is a {'link' if root.is_symlink() else 'file'}; expected a folder for the dataset"
         raise DatasetError(msg)

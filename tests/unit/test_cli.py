@@ -78,6 +78,20 @@ def test_synth_never_writes_into_a_folder_that_holds_files(tmp_path, params):
     assert not (data / "mine.png").exists() and (data / "train" / "good").is_dir()  # replaced, not mixed
 
 
+def test_synth_refuses_to_replace_the_folder_one_works_in(tmp_path, params, monkeypatch):
+    pf = _params_file(tmp_path, params)
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    (work / "mine.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        res = runner.invoke(app, ["synth", "--out", out, "-p", str(pf), "--force"])
+        assert res.exit_code == 1, res.output
+        assert "holds the current folder" in res.output
+        assert "Traceback" not in res.output
+    assert (work / "mine.txt").read_text() == "keep"
+
+
 def test_output_paths_are_checked_before_the_work(tmp_path, model_dir, dataset_dir, trained):
     img = next((dataset_dir / "test" / "good").glob("*.png"))
     (tmp_path / "afile").write_text("")
