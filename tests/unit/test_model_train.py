@@ -185,6 +185,21 @@ def test_loading_a_non_model_directory_is_explained(tmp_path):
         CellscanModel.load_dir(tmp_path / "f")
 
 
+def test_a_model_directory_without_a_part_its_threshold_counts_on_is_refused(trained, model_dir, tmp_path):
+    import shutil
+
+    saved = sorted(p.name for p in model_dir.iterdir())
+    parts = [name for name in ("map_stats.npz", "global_view.npz") if name in saved]
+    assert parts == ["map_stats.npz", "global_view.npz"], saved  # what this tiny model's fusion uses
+    for name in parts:
+        copy = tmp_path / name / "model"
+        shutil.copytree(model_dir, copy)
+        (copy / name).unlink()  # a half-copied export or bundle
+        with pytest.raises(ModelError, match=f"{name} missing, though its meta.json was calibrated with it"):
+            CellscanModel.load_dir(copy, network=False)
+    assert CellscanModel.load_dir(model_dir, network=False).global_view is not None
+
+
 def test_perlin_masks_and_ct_defects_are_local_and_change_the_image():
     from cellscan.core.augment import ct_defect, perlin, perlin_mask, random_crop
 
@@ -490,7 +505,10 @@ def test_texture_view_joins_the_views_and_survives_save_and_load(trained, datase
     loaded = CellscanModel.load_dir(m.save(tmp_path / "with-texture"))
     assert (tmp_path / "with-texture" / "texture_view.npz").is_file()
     np.testing.assert_allclose(loaded.score_arrays(x).scores, with_view, rtol=1e-5, atol=1e-5)
-    (tmp_path / "with-texture" / "texture_view.npz").unlink()  # as saved before the view existed
+    (tmp_path / "with-texture" / "texture_view.npz").unlink()  # as saved before the view existed:
+    meta = json.loads((tmp_path / "with-texture" / "meta.json").read_text())  # not calibrated with it either
+    del meta["fusion"]["texture"]
+    (tmp_path / "with-texture" / "meta.json").write_text(json.dumps(meta))
     np.testing.assert_allclose(CellscanModel.load_dir(tmp_path / "with-texture").score_arrays(x).scores, without,
                                rtol=1e-5, atol=1e-5)
 

@@ -438,6 +438,14 @@ class CellscanModel:
             what = f"missing {', '.join(missing) or 'input_shape'}" if isinstance(meta, dict) else "not an object"
             msg = f"{directory / META_FILE}: not a cellscan model's meta.json ({what}); retrain or restore the model"
             raise ModelError(msg)
+        fusion = meta.get("fusion") if isinstance(meta.get("fusion"), dict) else {}
+        parts = {"recon": STATS_FILE, "global": GLOBAL_FILE, "patch": PATCH_FILE, "texture": TEXTURE_FILE}
+        gone = [name for part, name in parts.items() if part in fusion and not (directory / name).is_file()]
+        if gone:  # scored without them, the threshold calibrated with them would mean something else
+            msg = (f"{directory}: {', '.join(gone)} missing, though its meta.json was calibrated with "
+                   f"{'it' if len(gone) == 1 else 'them'} (an incomplete copy?); copy the whole directory or "
+                   "retrain")
+            raise ModelError(msg)
         stats, view, patches, texture = (_read_arrays(directory / name, kind) for name, kind in (
             (STATS_FILE, MapStats), (GLOBAL_FILE, GlobalView), (PATCH_FILE, PatchView), (TEXTURE_FILE, TextureView)))
         return cls(model, meta, stats, view, patches, texture)
