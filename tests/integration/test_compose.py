@@ -132,6 +132,16 @@ def test_host_ports_are_loopback_only(config: dict[str, Any]) -> None:
     assert "ports" not in config["services"]["images"]
 
 
+def test_client_backends_reach_the_service_and_the_image_store_only(config: dict[str, Any]) -> None:
+    """The network backends join (``cellscan``) holds no part without authentication of its own."""
+    joined = {name for name, svc in config["services"].items() if "clients" in (svc.get("networks") or {})}
+    assert config["networks"]["clients"]["name"] == "cellscan"
+    assert joined == {"service", "images"}
+    assert config["networks"]["default"]["name"] != "cellscan"
+    for name in ("mlflow", "prefect", "postgres", "worker"):  # reachable by the service, not by clients
+        assert "clients" not in (config["services"][name].get("networks") or {"default": None}), name
+
+
 def test_telemetry_off_everywhere(config: dict[str, Any]) -> None:
     for name, svc in ours(config).items():
         env = svc.get("environment") or {}
