@@ -32,7 +32,10 @@ fi
 root=$(python -c 'from cellscan.core.config import load_params; print(load_params().data.root)')
 if [ ! -d "$root" ] || [ -z "$(ls -A "$root" 2>/dev/null)" ]; then
   echo "setup: data: the version data.dvc names"
-  if ! dvc pull -q data.dvc 2>/dev/null; then
+  pulled=0; python -m cellscan.mlops.versioning pull >/dev/null || pulled=$?
+  if [ "$pulled" = 1 ]; then  # the remote did not answer (not an empty one): nothing is replaced
+    echo "setup: fix DVC_REMOTE_URL (or its credentials), then start again" >&2; exit 1
+  elif [ "$pulled" != 0 ]; then
     echo "setup: (remote empty: regenerating the deterministic synthetic set)"
     cellscan synth >/dev/null
   fi

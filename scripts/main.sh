@@ -9,7 +9,10 @@ export PREFECT_HOME=${PREFECT_HOME:-$PWD/.prefect}
 root=$(python -c 'from cellscan.core.config import load_params; print(load_params().data.root)')
 
 echo "== 1/4 data: the version data.dvc names"
-if ! dvc pull -q data.dvc 2>/dev/null; then
+pulled=0; python -m cellscan.mlops.versioning pull >/dev/null || pulled=$?
+if [ "$pulled" = 1 ]; then  # the remote did not answer (not an empty one): nothing is replaced
+  echo "   fix the DVC remote (dvc remote list), then run again" >&2; exit 1
+elif [ "$pulled" != 0 ]; then
   if [ -n "$(ls -A "$root" 2>/dev/null)" ]; then
     echo "   (remote empty: keeping the images already in $root)"
   else

@@ -303,3 +303,30 @@ def test_data_outside_the_versioned_folder_is_recorded_as_unversioned_not_as_ano
         assert (got.hash, got.dvc_file) == (None, None), elsewhere
         assert f"data.root {elsewhere} lies outside {project / 'data'}" in caplog.text
     assert versioning.data_hash(project) == inside.hash  # nothing recorded for those runs
+
+
+def test_pull_tells_a_version_the_remote_lacks_from_a_remote_that_fails(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from cellscan.errors import VersioningError
+    from cellscan.mlops import versioning
+
+    project = tmp_path / "proj"
+    (project / "data" / "cells").mkdir(parents=True)
+    (project / "data" / "cells" / "a.txt").write_text("a")
+    versioning.init_repo(project, tmp_path / "remote")
+    versioning.snapshot(project)
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    assert versioning.pull(project)  # from the remote
+    assert (project / "data" / "cells" / "a.txt").read_text() == "a"
+    dvc_file = project / "data.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace(dvc_file.read_text().split("md5: ")[1][:32], "0" * 32))
+    assert not versioning.pull(project)  # a version neither the cache nor the remote holds: regenerate
+    (tmp_path / "not-a-folder").write_text("")
+    versioning.dvc("remote", "modify", "local", "url", str(tmp_path / "not-a-folder"), cwd=project)
+    with pytest.raises(VersioningError, match="dvc pull data.dvc` failed"):  # not "missing": nothing replaced
+        versioning.pull(project)
+    monkeypatch.chdir(project)  # as the set-up scripts call it: one line, exit 1 (3: regenerate the data)
+    assert versioning.main(["pull"]) == 1
+    assert capsys.readouterr().err.startswith("data: `dvc pull data.dvc` failed")

@@ -114,9 +114,42 @@ def restore(project: Path, dvc_file_text: str, target: str = "data") -> str:
     return h or ""
 
 
+# What DVC says when the version is in neither the cache nor the remote (an empty remote on a new machine),
+# as against a remote that does not answer, refuses the credentials or lacks its plugin.
+_MISSING = ("missing-files", "missing cache files", "do not exist neither locally nor on remote")
+
+
 def pull(project: Path, target: str = "data") -> bool:
-    """Try to fetch ``target`` from the cache or remote; False when neither has it."""
-    return dvc("pull", "-q", f"{target}.dvc", cwd=project, check=False).returncode == 0
+    """Fetch ``target`` from the cache or remote; False when neither holds that version.
+
+    Raises:
+        VersioningError: the pull failed for another reason (DVC's own words): an unreachable remote
+            must not pass for an empty one, or a caller would put a new data version in its place.
+    """
+    res = dvc("pull", f"{target}.dvc", cwd=project, check=False)
+    if res.returncode == 0:
+        return True
+    said = f"{res.stdout}\n{res.stderr}"
+    if any(m in said.lower() for m in _MISSING):
+        return False
+    dvc("pull", f"{target}.dvc", cwd=project)  # raises with DVC's ERROR lines and the command
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellscan.mlops.versioning pull [TARGET]``, for the set-up scripts: prints ``pulled`` or
+    ``missing`` (exit 0 / 3); another failure is one line on stderr (exit 1)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "pull":
+        print("usage: python -m cellscan.mlops.versioning pull [TARGET]", file=sys.stderr)
+        return 2
+    try:
+        found = pull(Path.cwd(), *args[1:2])
+    except VersioningError as exc:
+        print(f"data: {exc}", file=sys.stderr)
+        return 1
+    print("pulled" if found else "missing")
+    return 0 if found else 3
 
 
 def git_commit(project: Path) -> str:
@@ -153,3 +186,7 @@ def restore_into(project: Path, dvc_file_text: str, workdir: Path, target: str =
     if res.returncode != 0:
         dvc("pull", "-q", f"{target}.dvc", cwd=workdir)
     return data_hash(workdir, target) or ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
