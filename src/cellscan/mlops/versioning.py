@@ -123,8 +123,9 @@ def pull(project: Path, target: str = "data") -> bool:
     """Fetch ``target`` from the cache or remote; False when neither holds that version.
 
     Raises:
-        VersioningError: the pull failed for another reason (DVC's own words): an unreachable remote
-            must not pass for an empty one, or a caller would put a new data version in its place.
+        VersioningError: the pull failed for another reason (DVC's own words: a missing plugin, refused
+            credentials, a remote path that is a file), so that a caller does not put a new data
+            version in its place. DVC itself reports an HTTP remote that does not answer as missing files.
     """
     res = dvc("pull", f"{target}.dvc", cwd=project, check=False)
     if res.returncode == 0:
