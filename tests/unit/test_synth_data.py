@@ -73,6 +73,11 @@ def test_hidden_and_nas_folders_are_not_defect_types(tmp_path):
     assert {s.defect for s in after.anomalies} == {s.defect for s in before.anomalies}
     assert (len(after.anomalies), len(after.validation)) == (len(before.anomalies), len(before.validation))
     assert folder_images(root / "train") == folder_images(root / "train" / "good") == before.train
+    from cellscan.core.images import canonical_png
+    from cellscan.serve.intake import DatasetIndex
+
+    digest = canonical_png(some.read_bytes())[1]  # the duplicate check names the image, not a thumbnail
+    assert DatasetIndex(root, 10**8).find(digest) == some
 
 
 def test_mapping_is_defined_once():

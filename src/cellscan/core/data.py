@@ -59,10 +59,10 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.name))
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not hidden(p.name))
 
 
-def _hidden(name: str) -> bool:
+def hidden(name: str) -> bool:
     """Dot files and folders (macOS ``._a.png``, ``.thumbs``) and NAS index folders (Synology ``@eaDir``):
     never images of the dataset or defect types."""
     return name.startswith((".", "@"))
@@ -78,7 +78,7 @@ def folder_images(folder: Path, *, must_hold_images: bool = False) -> list[Path]
         msg = f"{folder} is a file; expected a folder of images" if folder.exists() else f"folder does not exist: {folder}"
         raise DatasetError(msg)
     subfolders = [x for x in folder.rglob("*")
-                  if x.is_dir() and not any(_hidden(n) for n in x.relative_to(folder).parts)]
+                  if x.is_dir() and not any(hidden(n) for n in x.relative_to(folder).parts)]
     paths = sorted({p for d in [folder, *subfolders] for p in list_images(d)})
     if must_hold_images and not paths:
         msg = f"no images under {folder}; expected {', '.join(IMAGE_SUFFIXES)} files"
@@ -165,7 +165,7 @@ def _anomalies(root: Path, base: Path, flat_name: str) -> list[Sample]:
     out = [Sample(p, 1, flat_name, _mask_for(root, flat_name, p)) for p in list_images(base)]
     if base.is_dir():
         for sub in sorted(d for d in base.iterdir()
-                          if d.is_dir() and d.name != "good" and not _hidden(d.name)):
+                          if d.is_dir() and d.name != "good" and not hidden(d.name)):
             out += [Sample(p, 1, sub.name, _mask_for(root, sub.name, p)) for p in list_images(sub)]
     return out
 

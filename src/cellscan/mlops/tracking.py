@@ -145,7 +145,10 @@ def _dataset(data_root: Path, data_hash: str) -> Any:
 
     from cellscan.core.images import IMAGE_SUFFIXES
 
-    files = sorted(p for p in data_root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    from cellscan.core.data import hidden
+
+    files = sorted(p for p in data_root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(hidden(n) for n in p.relative_to(data_root).parts))
     df = pd.DataFrame({
         "file": [str(p.relative_to(data_root)) for p in files],
         "folder": [str(p.parent.relative_to(data_root)) for p in files],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from cellscan.core.data import hidden
 from cellscan.core.images import IMAGE_SUFFIXES, canonical_png
 from cellscan.errors import ImageError
 
@@ -52,7 +53,8 @@ class DatasetIndex:
         """The first stored image with these pixels, or None."""
         with self._lock:
             paths = [p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                     and not p.name.startswith(".") and "ground_truth" not in p.parts]
+                     and not any(hidden(n) for n in p.relative_to(self.root).parts)
+                     and "ground_truth" not in p.parts]
             for gone in set(self._cache) - set(paths):
                 del self._cache[gone]
             for p in sorted(paths):
