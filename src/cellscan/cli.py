@@ -151,16 +151,16 @@ def synth(
     p = load_params(params, parse_overrides(overrides or []))
     root = out_dir or Path(p.data.root)
     s = p.synth
-    here = Path.cwd().resolve()
-    if root.resolve() == here or root.resolve() in here.parents:  # --out . would swap the folder one works in
-        msg = f"{root} holds the current folder; expected a folder for the dataset (data/cells)"
-        raise DatasetError(msg)
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         msg = f"{root} is a {'link' if root.is_symlink() else 'file'}; expected a folder for the dataset"
         raise DatasetError(msg)
     replace = root.exists() and any(root.iterdir())  # writing into a dataset would mix old and new images
     if replace and not force:
         msg = f"{root} already holds files; choose an empty or new folder, or pass --force to replace it"
+        raise DatasetError(msg)
+    here = Path.cwd().resolve()
+    if replace and (root.resolve() == here or root.resolve() in here.parents):  # --out . --force
+        msg = f"{root} holds the current folder; expected a folder for the dataset (data/cells)"
         raise DatasetError(msg)
     target = root.with_name(f".{root.name}-synth") if replace else root  # the old set stays until the new is whole
     try:

@@ -90,6 +90,12 @@ def test_synth_refuses_to_replace_the_folder_one_works_in(tmp_path, params, monk
         assert "holds the current folder" in res.output
         assert "Traceback" not in res.output
     assert (work / "mine.txt").read_text() == "keep"
+    empty = tmp_path / "cells"  # an empty current folder is simply written into
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    res = runner.invoke(app, ["synth", "--out", ".", "-p", str(pf)])
+    assert res.exit_code == 0, res.output
+    assert (empty / "train" / "good").is_dir()
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path, model_dir, dataset_dir, trained):
