@@ -87,7 +87,7 @@ class Pages:
         self._log: Any = None
         self._verdicts: VerdictStore | None = None
         self._models: dict[int, Any] = {}
-        self._overlays: dict[tuple[Any, Any], bytes] = {}
+        self._overlays: dict[tuple[Any, Any], asyncio.Future[bytes]] = {}
 
     @property
     def log(self) -> Any:
@@ -176,24 +176,32 @@ class Pages:
 
     async def heatmap_png(self, scan: dict[str, Any], data: bytes) -> bytes:
         """The scan's overlay, drawn as /predict draws one: decoding and drawing within the service's bound
-        on full-size work at once, the model called through its batcher (never two calls at once), the
-        last few overlays kept (an open page: a burst of requests for one scan draws it once)."""
+        on full-size work at once, the model called through its batcher (never two calls at once). Requests
+        for one scan while it is drawn wait for that drawing; the last two overlays are kept."""
+        version = scan.get("model_version") or self.service().holder.version
+        key = (scan.get("id"), version)
+        task = self._overlays.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._draw(scan, data, version))
+            self._overlays = {**dict(list(self._overlays.items())[-1:]), key: task}
+        try:
+            return await asyncio.shield(task)  # one client hanging up does not cancel the others' drawing
+        except Exception:
+            if self._overlays.get(key) is task:  # a failure is said each time, not kept
+                del self._overlays[key]
+            raise
+
+    async def _draw(self, scan: dict[str, Any], data: bytes, version: int | None) -> bytes:
         from cellscan.core.plots import overlay_png
 
         svc = self.service()
-        key = (scan.get("id"), scan.get("model_version"))
-        if key in self._overlays:
-            return self._overlays[key]
         model = await asyncio.to_thread(self.model_for, scan.get("model_version"))
-        version = scan.get("model_version") or svc.holder.version
         pixels = min(svc.params.data.max_pixels, svc.settings.max_image_pixels)
         async with svc._decodes:
             x, native = await asyncio.to_thread(model.load_pair, data, max_pixels=pixels)
         _, amap, _ = await svc.batcher.score(x, (model, version))
         async with svc._decodes:
-            png = await asyncio.to_thread(overlay_png, native, amap, scan.get("threshold"))
-        self._overlays = {**dict(list(self._overlays.items())[-7:]), key: png}  # the last 8
-        return png
+            return await asyncio.to_thread(overlay_png, native, amap, scan.get("threshold"))
 
     # -- verdicts --------------------------------------------------------------------------------
     async def record(self, scan: dict[str, Any], verdict: str, by: str) -> tuple[int, dict[str, Any]]:
