@@ -35,12 +35,18 @@ def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     env = os.environ | {"DVC_NO_ANALYTICS": "1"}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if check and res.returncode != 0:
-        said = (res.stderr or res.stdout).strip()
-        errors = [line for line in said.splitlines() if line.startswith("ERROR")]  # DVC's reason, no warnings
-        reason = "; ".join(errors) or said or f"exit code {res.returncode}"
-        msg = f"`{' '.join([Path(cmd[0]).name, *cmd[1:]])[:200]}` failed in {cwd}: {reason[-800:]}"
-        raise VersioningError(msg)
+        raise _failed(res, cwd)
     return res
+
+
+def _failed(res: subprocess.CompletedProcess[str], cwd: Path) -> VersioningError:
+    """The error for a command that failed: the command, the folder and DVC's ERROR lines (no warnings)."""
+    said = (res.stderr or res.stdout).strip()
+    errors = [line for line in said.splitlines() if line.startswith("ERROR")]
+    reason = "; ".join(errors) or said or f"exit code {res.returncode}"
+    cmd = [str(a) for a in res.args]
+    shown = " ".join([Path(cmd[0]).name, *cmd[1:]])[:200]
+    return VersioningError(f"`{shown}` failed in {cwd}: {reason[-800:]}")
 
 
 def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -133,8 +139,7 @@ def pull(project: Path, target: str = "data") -> bool:
     said = f"{res.stdout}\n{res.stderr}"
     if any(m in said.lower() for m in _MISSING):
         return False
-    dvc("pull", f"{target}.dvc", cwd=project)  # raises with DVC's ERROR lines and the command
-    return True
+    raise _failed(res, project)
 
 
 def main(argv: list[str] | None = None) -> int:
