@@ -186,6 +186,15 @@ def test_a_reevaluation_whose_gate_fails_is_not_retried_into_a_second_version(tr
     with pytest.raises(RegistryError, match="is version 1's network with the threshold re-evaluated"):
         steps.reproduce(store, out["version"], dataset_dir.parent)
 
+    def close_down(*args, **kwargs):  # type: ignore[no-untyped-def]
+        msg = "tracking server went away at the end"
+        raise ConnectionError(msg)
+
+    monkeypatch.setattr(steps, "close_run", close_down)  # the gate decided, closing the run failed
+    with pytest.raises(ConnectionError) as info:
+        steps.reevaluate(store, params, dataset_dir, steps.DataVersion(None, None), dataset_dir.parent)
+    assert info.value.cellscan_registered == out["version"] + 1  # not retried into yet another version
+
 
 def test_a_finetuning_run_records_the_version_it_started_from(trained, model_dir, store, tmp_path):
     from cellscan.mlops import steps

@@ -322,7 +322,7 @@ def apply_decision(
     """
     mc = client(settings)
     name = settings.model_name
-    now = champion_version(settings)
+    now = _aliases(mc, name).get(CHAMPION)
     if decision.promoted and now != champion:  # a rollback or another run moved it meanwhile: theirs stands
         decision = replace(decision, promoted=False, reason=(
             f"the champion moved from {_v(champion)} to {_v(now)} while this version was evaluated; "

@@ -67,7 +67,7 @@ def open_run(settings: Settings, kind: str, params: Params | None, data: DataVer
              ) -> tracking.RunInfo:
     """Start the MLflow run that will record this training (call before training); ``init_from``: the model
     it fine-tunes (from :func:`finetune_source`), whose version the run records."""
-    parent = getattr(init_from, "meta", {}).get("registered_version") if init_from is not None else None
+    parent = getattr(init_from, "meta", {}).get("registry_version") if init_from is not None else None
     return tracking.open_run(
         settings, kind, params=params.to_dict() if params else None, data_hash=data.hash,
         dvc_file=data.dvc_file, data_root=data_root, git_commit=versioning.git_commit(project), name=name,
@@ -133,7 +133,9 @@ def gate(settings: Settings, reg: Registered, params: Params, data: Path | Datas
     again against the version itself.
     """
     done = registry.written_decision(settings, reg.version)
-    if done is not None:
+    if done is not None:  # what the failed attempt had left to do: the run's tag
+        verdict = ("promoted: " if done["promoted"] else "rejected: ") + done["reason"]
+        tracking.client(settings).set_tag(reg.run_id, "cellscan.gate", verdict)
         return done | {"challenger": reg.version, "challenger_metrics": reg.metrics}
     champ_v, champ_m = champion if champion is not None else champion_metrics(
         settings, data, params.data.max_pixels)
@@ -272,23 +274,27 @@ def reevaluate(settings: Settings, params: Params, data_root: Path, data: DataVe
     except Exception as exc:  # noqa: BLE001 (an older bundle: params.yaml)
         logger.warning("the champion's params are unreadable (%s): logging params.yaml instead", exc)
     run = open_run(settings, "threshold", logged, data, project, data_root)
-    ok = False
+    ok, registered = False, None
     try:
-        ev = evaluate_model(model, load_dataset(data_root), calibrate=True, max_pixels=params.data.max_pixels)
-        new = model.with_threshold(ev.threshold, metrics=ev.metrics, parent_version=version)
-        with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
-            bundle = new.save(Path(tmp) / "bundle")
-            reg = register(settings, run, new, ev, bundle)
         try:
+            ev = evaluate_model(model, load_dataset(data_root), calibrate=True,
+                                max_pixels=params.data.max_pixels)
+            new = model.with_threshold(ev.threshold, metrics=ev.metrics, parent_version=version)
+            with tempfile.TemporaryDirectory(prefix="cellscan-bundle-") as tmp:
+                bundle = new.save(Path(tmp) / "bundle")
+                reg = register(settings, run, new, ev, bundle)
+                registered = reg.version
             decision = gate(settings, reg, params, data_root,
                             champion=(version, {k: float(v) for k, v in ev.metrics.items()}))
-        except Exception as exc:  # a retry from the start would register another version: the caller sees it
-            exc.cellscan_registered = reg.version  # type: ignore[attr-defined]
-            exc.add_note(f"version {reg.version} was registered; the gate did not decide on it")
-            raise
-        ok = True
-    finally:
-        close_run(settings, run, ok)
+            ok = True
+        finally:
+            close_run(settings, run, ok)
+    except Exception as exc:  # after a registration (the gate or closing the run failed): a retry from the
+        if registered is not None:  # start would register another version, so the caller is told
+            exc.cellscan_registered = registered  # type: ignore[attr-defined]
+            exc.add_note(f"version {registered} was registered; the gate did not decide on it, or its run "
+                         "was not closed")
+        raise
     return {
         "new_validation_error": ev.metrics["validation_error"],
         "new_anomaly_error": ev.metrics["anomaly_error"],
@@ -306,8 +312,7 @@ def finetune_source(settings: Settings, params: Params) -> Any:
     """The champion to fine-tune from, or None for a fresh start (no champion or mode fresh)."""
     if params.retrain.mode != "finetune" or registry.champion_version(settings) is None:
         return None
-    model, version = registry.load_model(registry.CHAMPION, settings)
-    model = model.with_threshold(model.threshold, registered_version=version)  # the run records it
+    model, _ = registry.load_model(registry.CHAMPION, settings)  # its meta names registry_version
     want = params.data.image_size  # 0: the working size comes from the data (fine-tuning keeps the champion's)
     if model.channels != params.data.channels or (want and model.image_size != want):
         logger.warning("champion input shape differs from params: training afresh")
@@ -367,7 +372,7 @@ def reproduce(settings: Settings, ref: int | str, project: Path, workdir: Path |
     info = registry.lineage(settings, ref)
     run_id = info["run_id"]
     if info["kind"] == "threshold":  # no training to repeat: the network is its parent's
-        parent = registry.load_model(info["version"], settings)[0].meta.get("parent_version")
+        parent = info["compared_with"]  # a re-evaluation is gated against the champion whose network it has
         msg = (f"version {info['version']} is version {parent}'s network with the threshold re-evaluated on "
                f"newer data; nothing was trained: reproduce version {parent}")
         raise RegistryError(msg)
