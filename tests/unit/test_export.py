@@ -57,6 +57,41 @@ def test_an_export_giving_nan_is_refused_not_read_as_identical_verdicts(quantize
     assert "non-finite maps" in r["reason"]
 
 
+
+def test_an_unquantized_export_whose_scores_all_sink_is_refused_though_no_verdict_differs():
+    """Normals only: lower scores keep every normal "normal", yet such an export would miss defects."""
+    ref = _result([0.5, 0.7, 0.9])
+    r = export.parity_report(ref, _result([0.05, 0.07, 0.09]), np.array([0, 0, 0]), ["a", "b", "c"], None)
+    assert r["verdicts_identical"] is True
+    assert r["ok"] is False
+    assert r["reason"] == "scores differ from the Keras model's by up to 0.81, more than the 0.01 allowed"
+
+
+def test_a_verdict_flipped_on_the_threshold_itself_is_borderline_not_a_refusal():
+    """A threshold calibrated as a quantile sits exactly on a normal's score: float rounding may flip it."""
+    ref = _result([0.5, 2.0, 2.5], threshold=2.0)  # 2.0 > 2.0 is False: normal
+    r = export.parity_report(ref, _result([0.5, 2.000001, 2.5], threshold=2.0), np.array([0, 0, 1]),
+                             ["a", "b", "c"], None)
+    assert r["verdicts_differ"] == 1 and r["borderline"] == 1
+    assert r["ok"] is True and r["score_tolerance"] == pytest.approx(0.02)
+    assert "borderline" in r["reason"]
+
+
+def test_a_dataset_without_known_anomalies_gets_simulated_ones_to_rank(trained, dataset_dir, tmp_path):
+    normals_only = tmp_path / "cells"
+    shutil.copytree(dataset_dir / "train", normals_only / "train")
+    shutil.copytree(dataset_dir / "test" / "good", normals_only / "test" / "good")
+    x, labels, names, _ = export._evaluation_images(trained.model, normals_only)
+    n_normal = len(load_dataset(normals_only).evaluation)
+    assert len(x) == len(labels) == len(names) == n_normal + export.SIMULATED_ANOMALIES
+    assert labels[:n_normal].sum() == 0 and labels[n_normal:].all()
+    assert names[n_normal:] == [f"simulated-defect-{i}" for i in range(export.SIMULATED_ANOMALIES)]
+    assert np.abs(x[n_normal:] - x[np.arange(export.SIMULATED_ANOMALIES) % n_normal]).max() > 0.05
+    scores = trained.model.score_arrays(x).scores  # the model ranks them: an AUROC, not NaN, to compare
+    assert not np.isnan(export._auroc(labels, scores))
+    x2, labels2, _, _ = export._evaluation_images(trained.model, dataset_dir)  # known anomalies: none added
+    assert len(x2) == len(load_dataset(dataset_dir).evaluation) and labels2.any()
+
 def test_unknown_format_and_quantization_are_config_errors():
     with pytest.raises(ConfigError, match="one of: onnx, tflite"):
         export.export_name("coreml")
