@@ -258,6 +258,29 @@ def test_holder_starts_serving_nothing_when_the_champion_cannot_be_loaded(traine
     assert holder.last_error is None
 
 
+def test_holder_does_not_convert_a_refused_export_again_every_poll(trained, model_dir, project, monkeypatch):
+    from cellscan.serve.runtime import ModelHolder
+
+    settings = Settings.from_env(project, env={"CELLSCAN_RUNTIME": "onnx"})
+    version = _register(settings, model_dir)
+    calls: list[int] = []
+
+    def refused(settings, model, v, fmt):  # noqa: ANN001, ARG001 - the parity check's verdict, not its cost
+        calls.append(v)
+        msg = f"onnx export refused: version {v}"
+        raise ParityError(msg)
+
+    monkeypatch.setattr(export, "serving_model", refused)
+    holder = ModelHolder(settings, poll_seconds=0)
+    assert calls == [version] and holder.version is None
+    assert holder.last_error == f"ParityError: onnx export refused: version {version}"
+    assert holder.refresh() is None and calls == [version]  # the next poll: not converted again
+    second = _register(settings, model_dir)
+    registry.client(settings).set_registered_model_alias("cellscan", "champion", str(second))  # alias moved
+    with pytest.raises(ParityError):
+        holder.refresh()
+    assert calls == [version, second]
+
 def test_cli_export(trained, model_dir, dataset_dir, tmp_path, monkeypatch):
     from cellscan.cli import app
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cellscan.core.bundle import CellscanModel
-from cellscan.errors import NoModelError
+from cellscan.errors import NoModelError, ParityError
 from cellscan.mlops import registry
 from cellscan.settings import Settings
 
@@ -45,6 +45,7 @@ class ModelHolder:
         self._model: CellscanModel | None = None
         self._version: int | None = None
         self.champion: int | None = None  # the alias as last read from the registry
+        self._refused: int | None = None  # a version whose export failed its parity check: not tried again
         self.last_error: str | None = None
         # None when MLflow answers, else why not (cellscan.serve.health.TrackingProbe.error): the poll then
         # skips the registry, whose client would retry a refused connection for minutes.
@@ -71,13 +72,24 @@ class ModelHolder:
                 logger.warning("champion refresh failed: %s", self.last_error)
 
     def refresh(self) -> int | None:
-        """Load the champion if the alias points elsewhere than the loaded version; returns the version."""
+        """Load the champion if the alias points elsewhere than the loaded version; returns the version.
+
+        A version whose export was refused by its parity check (a deterministic failure) is not prepared
+        again while the alias stays on it: ``last_error`` keeps saying why; other failures (the registry,
+        a download) are tried again at the next poll."""
         with self.changing:
             version = registry.champion_version(self.settings)
             self.champion = version
             if version is None or version == self._version:
                 return self._version
-            self.install(self.prepare(version), version)
+            if version == self._refused:  # converting it again every poll would refuse it again
+                return self._version
+            try:
+                model = self.prepare(version)
+            except ParityError:
+                self._refused = version
+                raise
+            self.install(model, version)
             return version
 
     def prepare(self, version: int) -> CellscanModel:
