@@ -64,6 +64,13 @@ def test_float_tiff_is_min_max_scaled():
     np.testing.assert_allclose(out[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
 
 
+def test_float_tiff_spanning_the_float32_range_scales_without_overflow():
+    """Fill values of +-3e38: their span overflows float32 to infinity, and every pixel would turn NaN."""
+    arr = np.array([[-3e38, 0.0, 3e38]], dtype=np.float32)
+    out = decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"))
+    np.testing.assert_allclose(out[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("data", "needle"),
     [

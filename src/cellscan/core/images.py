@@ -215,8 +215,11 @@ def _to_float(img: Image.Image, channels: int) -> np.ndarray:
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0.0 and hi <= 1.0:
             gray = arr
-        else:  # arbitrary float range (e.g. attenuation values): min-max scale
-            gray = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        else:  # arbitrary float range (e.g. attenuation values): min-max scale, in float64 (a span of
+            # fill values such as -3e38..3e38 overflows float32 to inf and every pixel to NaN)
+            span = hi - lo  # a Python float: float64
+            scaled = (arr.astype(np.float64) - lo) / span if span > 0 else np.zeros(arr.shape)
+            gray = scaled.astype(np.float32)
         out = gray[..., None]
     elif mode in ("1", "L"):
         out = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / np.float32(255.0)
