@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import json
 import logging
 import math
@@ -197,6 +198,9 @@ def list_folder(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+NON_FINITE = "the image gives a non-finite score; expected finite pixel values"  # the service's words
+
+
 def score_paths(model: CellscanModel, paths: list[Path], batch: int = 16) -> list[dict[str, Any]]:
     """One row per image, and per page of a stack (a multi-page TIFF of CT slices, ``<path>#page=K``), with
     the service's answer fields; an unreadable image gets ``status: error``."""
@@ -219,21 +223,51 @@ def score_paths(model: CellscanModel, paths: list[Path], batch: int = 16) -> lis
             res = model.score_arrays(np.stack([x for _, x in good]))
             for j, (k, _) in enumerate(good):
                 chunk[k] |= res.record(j) | {"status": "ok"}
+                if not (np.isfinite(res.scores[j]) and np.isfinite(res.recon_scores[j])):  # as the service
+                    chunk[k] |= {"status": "error", "is_anomaly": None, "anomaly_score": None,
+                                 "reconstruction_error": None,
+                                 "error": f"ImageError: {NON_FINITE}"}
         rows.extend(chunk)
     return rows
 
 
+def check_out(out_csv: Path) -> None:
+    """Refuse, before any image is scored, an --out that cannot be written (a folder, a file's child, a
+    read-only place): the results would be lost after minutes of scoring."""
+    import os
+
+    parent = next((p for p in (out_csv.parent, *out_csv.parent.parents) if p.exists()), Path())
+    if out_csv.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is a folder" if out_csv.is_dir() else f"cannot be written under {parent}"
+        msg = f"--out {out_csv} {what}; expected a CSV file path in a writable folder"
+        raise ConfigError(msg)
+
+
 def write_csv(rows: list[dict[str, Any]], out_csv: Path) -> None:
+    """Write the rows beside ``out_csv`` and move them in: a full disk never leaves half a results.csv."""
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    tmp = out_csv.with_name(f".{out_csv.name}.partial")
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(out_csv)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+RETRY_STATUS = (429, 502, 503, 504)  # the service did not take the request: busy, restarting, behind a proxy
 
 
 def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api_key: str | None = None,
-                 chunk: int = 100, timeout: float = 30.0) -> int:
+                 chunk: int = 100, timeout: float = 30.0, retries: int = 3, backoff: float = 2.0) -> int:
     """POST the rows as JSON to ``url``, ``chunk`` rows a request; returns the number of requests sent.
+
+    A request the service did not take (connection refused, HTTP 429, 502, 503, 504) is sent again up to
+    ``retries`` times, ``backoff`` x 1, 2, 4... seconds apart; one that may have been logged (a time-out
+    while waiting for the answer) is not, so no row is logged twice.
 
     ``url`` is the service's address (``http://host:3000``, posted to its ``/edge/results`` route, which
     writes the rows into the prediction log with source ``edge``) or any full URL.
@@ -257,18 +291,32 @@ def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api
                 "runtime": info.get("format"), "records": [r | {"time": stamp} for r in rows[i : i + chunk]]}
         req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"content-type": "application/json"} | ({"x-api-key": api_key} if api_key else {}))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (the operator's URL)
-                resp.read()
-        except (urllib.error.URLError, OSError) as exc:
-            why = (f"HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
-                   if isinstance(exc, urllib.error.HTTPError) else str(exc))
-            total = math.ceil(len(rows) / chunk)
-            done = f" ({sent} of {total} requests were logged before it)" if sent else ""
-            msg = f"posting results to {url}: {why}{done}"
-            raise CellscanError(msg) from None
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (the operator's URL)
+                    resp.read()
+                break
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                if attempt < retries and _not_taken(exc):
+                    time.sleep(backoff * 2**attempt)
+                    continue
+                why = (f"HTTP {exc.code} {exc.read()[:200].decode(errors='replace')}"
+                       if isinstance(exc, urllib.error.HTTPError) else f"{type(exc).__name__}: {exc}")
+                total = math.ceil(len(rows) / chunk)
+                done = f" ({sent} of {total} requests were logged before it)" if sent else ""
+                tried = f" after {attempt + 1} attempts" if attempt else ""
+                msg = f"posting results to {url}: {why}{tried}{done}"
+                raise CellscanError(msg) from None
         sent += 1
     return sent
+
+
+def _not_taken(exc: BaseException) -> bool:
+    """Whether a failed request certainly logged nothing: refused, or answered busy / unavailable."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in RETRY_STATUS
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, ConnectionRefusedError)
 
 
 def check_post_url(url: str) -> None:
@@ -306,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(msg)
         if args.post:
             check_post_url(args.post)  # before minutes of scoring, not after
+        check_out(args.out)
         model = load_export(args.model, threads=args.threads)
         paths = list_folder(args.folder)
+        if not paths:
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            msg = f"{args.folder} holds no images; expected files ending in {suffixes}"
+            raise ConfigError(msg)
         t0 = time.perf_counter()
         rows = score_paths(model, paths, max(1, args.batch))
         seconds = time.perf_counter() - t0

@@ -119,3 +119,98 @@ def test_edge_refuses_a_bad_post_address_or_a_damaged_export_in_one_line(onnx_ex
     err = capsys.readouterr().err
     assert err.startswith("ModelError: "), err
     assert "export.json is damaged" in err
+
+
+class _Busy(BaseHTTPRequestHandler):
+    """Answers 503 (a service restarting) to the first request, then takes the rest."""
+    seen: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        _Busy.seen.append(len(body["records"]))
+        self.send_response(503 if len(_Busy.seen) == 1 else 204)
+        self.end_headers()
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+def test_edge_posting_retries_a_busy_service_once_per_chunk_and_logs_nothing_twice():
+    from cellscan.edge import post_results
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows = [{"image": f"{i}.png", "status": "ok"} for i in range(150)]
+    try:
+        sent = post_results(f"http://127.0.0.1:{server.server_address[1]}", rows, {}, backoff=0.01)
+    finally:
+        server.shutdown()
+    assert sent == 2
+    assert _Busy.seen == [100, 100, 50]  # the refused first chunk again, then the second once
+
+
+def test_edge_posting_to_something_that_is_not_http_is_one_line_not_a_traceback(onnx_export, dataset_dir,
+                                                                                tmp_path, capsys):
+    import socket
+
+    from cellscan.edge import post_results
+    from cellscan.errors import CellscanError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def garbage() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        conn.close()
+
+    threading.Thread(target=garbage, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(CellscanError, match=f"posting results to {url}/edge/results: BadStatusLine"):
+        post_results(url, [{"image": "a.png", "status": "ok"}], {}, backoff=0.01)
+    listener.close()
+
+
+def test_edge_refuses_an_unwritable_out_or_a_folder_without_images_before_scoring(onnx_export, dataset_dir,
+                                                                                  tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "notes.dcm").write_bytes(b"DICM")
+    assert main(["score", str(imgs), "--model", str(onnx_export), "--out", str(tmp_path / "r.csv")]) == 1
+    assert "holds no images; expected files ending in .bmp, .jpeg" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+    (imgs / "a.png").write_bytes(next((dataset_dir / "test" / "good").glob("*.png")).read_bytes())
+    (tmp_path / "file").write_text("x")
+    for out, why in ((tmp_path, "is a folder"), (tmp_path / "file" / "r.csv", "cannot be written under")):
+        assert main(["score", str(imgs), "--model", str(onnx_export), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ConfigError: --out {out} {why}"), err
+    (tmp_path / "r.csv").write_text("earlier results\n")
+    assert main(["score", str(imgs), "--model", str(onnx_export), "--out", str(tmp_path / "r.csv")]) == 0
+    assert [r["status"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "imgs", "r.csv"]  # no partial file left
+
+
+def test_edge_marks_a_non_finite_score_as_an_error_the_service_skips(onnx_export, dataset_dir, monkeypatch):
+    import numpy as np
+
+    from cellscan.core.bundle import ScoreResult
+    from cellscan.edge import load_export, score_paths
+    from cellscan.serve.edgelog import edge_rows
+
+    model = load_export(onnx_export)
+    real = model.score_arrays
+
+    def nan_first(x):  # noqa: ANN001, ANN202 - what a pixel range the networks never saw can give
+        r = real(x)
+        return ScoreResult(np.r_[np.nan, r.scores[1:]], r.recon_scores, r.maps, r.recon, r.threshold)
+
+    monkeypatch.setattr(model, "score_arrays", nan_first)
+    rows = score_paths(model, sorted((dataset_dir / "test" / "good").glob("*.png"))[:3])
+    assert [r["status"] for r in rows] == ["error", "ok", "ok"]
+    assert rows[0]["anomaly_score"] is None and rows[0]["is_anomaly"] is None
+    assert rows[0]["error"] == "ImageError: the image gives a non-finite score; expected finite pixel values"
+    logged, skipped = edge_rows({"records": [r | {"time": None} for r in rows]})
+    assert skipped == 1 and len(logged) == 2
