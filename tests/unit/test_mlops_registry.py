@@ -339,3 +339,22 @@ def test_pull_tells_a_version_the_remote_lacks_from_a_remote_that_fails(tmp_path
     monkeypatch.chdir(project)  # as the set-up scripts call it: one line, exit 1 (3: regenerate the data)
     assert versioning.main(["pull"]) == 1
     assert capsys.readouterr().err.startswith("data: `dvc pull data.dvc` failed")
+
+
+def test_pyfunc_scales_integer_batches_and_refuses_raw_float_counts(trained, dataset_dir):
+    import numpy as np
+
+    from cellscan.core.images import load_batch
+    from cellscan.errors import ImageError
+    from cellscan.mlops.pyfunc import CellscanPyfunc
+
+    pf = CellscanPyfunc()
+    pf.model = trained.model
+    x = load_batch(sorted((dataset_dir / "test" / "good").glob("*.png"))[:2], size=pf.model.shape, channels=1)
+    want = pf.predict(None, x)["anomaly_score"].to_numpy()
+    as16 = np.round(x * 65535).astype(np.uint16)  # a 16-bit CT batch, as a caller of the pyfunc sends it
+    np.testing.assert_allclose(pf.predict(None, as16)["anomaly_score"].to_numpy(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ImageError, match=r"from \d+ to \d+ \(or not finite\); expected pixels in \[0, 1\]"):
+        pf.predict(None, as16.astype(np.float32))
+    with pytest.raises(ImageError, match="dtype int32; expected float pixels in"):
+        pf.predict(None, as16.astype(np.int32))

@@ -6,7 +6,8 @@ thing. The directory is opaque here: it is written by ``save`` and read by ``loa
 
 ``mlflow.pyfunc.load_model("models:/cellscan@champion").predict(...)`` takes image paths or
 encoded bytes (a list, or a DataFrame with an ``image`` column), or a preprocessed batch
-(N, size, size, C) in [0, 1], and returns one row per image: ``is_anomaly``,
+(N, size, size, C) of floats in [0, 1] or of uint8 / uint16 pixels,
+and returns one row per image: ``is_anomaly``,
 ``reconstruction_error``, ``threshold`` (whatever ``ScoreResult.record`` gives).
 """
 
@@ -47,7 +48,7 @@ with warnings.catch_warnings():
                 self.load_context(context)
             assert self.model is not None
             if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-                res = self.model.score_arrays(model_input.astype(np.float32))
+                res = self.model.score_arrays(unit_batch(model_input))
             else:
                 if isinstance(model_input, pd.DataFrame):
                     sources = list(model_input["image"] if "image" in model_input else model_input.iloc[:, 0])
@@ -57,6 +58,30 @@ with warnings.catch_warnings():
                     sources = list(model_input)
                 res = self.model.score_images(sources)
             return pd.DataFrame([res.record(i) for i in range(len(res.scores))])
+
+
+def unit_batch(a: Any) -> Any:
+    """A preprocessed batch as float32 in [0, 1]: 8- and 16-bit pixels scaled by their range, as image files
+    are; floats must already be in [0, 1] (raw counts would score every scan anomalous).
+
+    Raises:
+        ImageError: another dtype, or floats outside [0, 1] or not finite.
+    """
+    import numpy as np
+
+    from cellscan.errors import ImageError
+
+    if a.dtype in (np.uint8, np.uint16):
+        return a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)
+    if a.dtype.kind != "f":
+        msg = f"a batch of dtype {a.dtype}; expected float pixels in [0, 1], or uint8 / uint16 pixels"
+        raise ImageError(msg)
+    x = a.astype(np.float32)
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        msg = (f"a float batch with values from {np.nanmin(x):g} to {np.nanmax(x):g} (or not finite); "
+               "expected pixels in [0, 1]: divide 16-bit counts by 65535, or pass image files")
+        raise ImageError(msg)
+    return x
 
 
 def log_bundle(bundle_dir: Path, registered_model_name: str | None) -> Any:
