@@ -178,9 +178,9 @@ def monitoring_batches(days: int = 7) -> dict[str, Any]:
     """Per-request batch and per-day metrics from the prediction log (process time, time per prediction, ...)."""
     import time as _time
 
-    from cellscan.mlops.monitor.batches import batch_metrics
+    from cellscan.mlops.monitor.batches import batch_metrics, days_since
 
-    df = _read_log().frame(since=_time.time() - 86400 * max(1, min(days, 366)))
+    df = _read_log().frame(since=days_since(_time.time(), min(days, 366)))  # whole days, today included
     return {"batches": batch_metrics(df)[-100:], "days": batch_metrics(df, "day")}
 
 

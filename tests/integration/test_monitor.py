@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellscan.core.images import load_image, save_png
+from cellscan.core.images import encode_png, load_image, save_png
 from cellscan.core.synth import generate
 from cellscan.mlops import batchscore
 from cellscan.mlops.monitor import check as monitor
@@ -146,3 +146,67 @@ def test_batch_scoring_scores_every_page_of_a_stack(trained_project, tmp_path):
     for k, r in enumerate(single, 1):
         page = by_label[f"{stacks / 'volume.tif'}#page={k}"]
         assert float(page["anomaly_score"]) == pytest.approx(float(r["anomaly_score"]), rel=1e-5)
+
+
+def test_manual_monitor_run_without_a_server_does_not_arm_the_cooldown(trained_project):
+    """Without PREFECT_API_URL the event would go to a temporary server, gone with the run: not delivered."""
+    from flows.monitor import emit
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = Settings.from_env(trained_project)
+    log = PredictionLog.from_settings(settings)
+    alert = log.add_alert(monitor.DRIFT_EVENT, 1, True, {"columns": ["mean"]})
+    out = {"model_version": 1, "events": [{"event": monitor.DRIFT_EVENT, "payload": {}, "alert_id": alert}]}
+    before = log.last_emitted_alert((monitor.DRIFT_EVENT,))
+    assert before is not None and before[0] > 0
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert emit.fn(settings, out) == [""]
+    after = log.last_emitted_alert((monitor.DRIFT_EVENT,))
+    assert after is None or after[0] < before[0]  # this alert no longer counts as sent
+
+
+def test_batch_results_are_kept_when_the_prediction_log_fails(trained_project, tmp_path, monkeypatch):
+    settings = Settings.from_env(trained_project)
+    calls = {"n": 0}
+    real = PredictionLog.write
+
+    def flaky(self, items):  # noqa: ANN001, ANN202 - a database restarting during the second chunk
+        calls["n"] += 1
+        if calls["n"] == 2:
+            msg = "database is locked"
+            raise RuntimeError(msg)
+        return real(self, items)
+
+    monkeypatch.setattr(PredictionLog, "write", flaky)
+    before = PredictionLog.from_settings(settings).count()
+    stream = _stream(tmp_path / "normal", seed=404, n=40)
+    m = batchscore.score_folder(settings, stream, tmp_path / "out", chunk=16)
+    assert m["images"] == 40 and m["not_logged"] == 16
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 41
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["not_logged"] == 16
+    assert PredictionLog.from_settings(settings).count() == before + 24
+
+
+def test_a_rolled_back_version_is_judged_on_its_predictions_since_it_took_over(trained_project, tmp_path):
+    """v1's rows from before v2 served are history: after a rollback to v1, only its new scans count."""
+    import time
+
+    from cellscan.mlops.monitor.descriptors import EMBED_DIM
+    from cellscan.mlops.monitor.predlog import Item
+
+    settings = Settings.from_env(trained_project)
+    from cellscan.core.config import load_params
+
+    params = load_params(trained_project / "params.yaml").with_overrides({"monitor.window": 40,
+                                                                          "monitor.min_samples": 20})
+    log = PredictionLog.from_settings(settings)
+    assert len(log.frame(model_version=1)) >= 40  # v1's earlier predictions, from the tests above
+    x = np.full((48, 48, 1), 0.5, np.float32)
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    log.write([Item(x, encode_png(x[..., 0]), rec, np.zeros(EMBED_DIM), "upload", "v2.png", 2, 0.01, "b-v2",
+                    ts=time.time())])
+    out = monitor.check(settings, params, version=1)
+    assert out["status"].startswith("0 predictions of version 1 with image descriptors since it took over")
+    batchscore.score_folder(settings, _stream(tmp_path / "after", seed=404, n=40), tmp_path / "out")
+    out = monitor.check(settings, params, version=1)
+    assert out["n"] == 40, out

@@ -103,3 +103,43 @@ def test_an_image_that_cannot_be_kept_does_not_lose_the_batchs_rows(tmp_path):
     assert n == 3
     assert df["name"].tolist() == ["0.png", "1.png", "2.png"]
     assert df["image_path"].isna().all()
+
+
+def test_a_version_takes_over_when_another_last_scored_pixels_here(tmp_path):
+    """After a rollback to v3, v3's rows from before v4 served are history: the monitor starts after v4's."""
+    from cellscan.serve.edgelog import edge_rows
+
+    log = PredictionLog.from_settings(Settings.from_env(tmp_path, env={}))
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    now = time.time()
+
+    def rows(version: int, start: float) -> list[Item]:
+        return [Item(_img(i), encode_png(_img(i)[..., 0]), rec, np.arange(EMBED_DIM, dtype=float), "upload",
+                     f"{i}.png", version, 0.01, f"b{version}", ts=start + i) for i in range(3)]
+
+    assert log.took_over(3) is None
+    log.write(rows(3, now - 1000) + rows(4, now - 500))
+    assert log.took_over(3) == pytest.approx(now - 498)  # v4's newest
+    assert log.took_over(4) == pytest.approx(now - 998)
+    device = {"model_version": 2, "records": [{"image": "e.png", "anomaly_score": 0.2, "threshold": 1.0,
+                                                "is_anomaly": False, "time": now}]}
+    log.insert(edge_rows(device, now=now)[0])  # a device running an older export all along: no take-over
+    assert log.took_over(3) == pytest.approx(now - 498)
+
+
+def test_a_days_process_time_is_its_batches_not_the_hours_between_them():
+    import pandas as pd
+
+    from cellscan.mlops.monitor.batches import batch_metrics, days_since
+
+    day = 20_000 * 86400.0  # a UTC midnight
+    ts = [day + 3600, day + 3600.05, day + 8 * 3600, day + 8 * 3600 + 0.05, day + 9 * 3600]
+    df = pd.DataFrame({"ts": ts,
+                       "latency_ms": [50.0, 50.0, 50.0, 50.0, 30.0], "batch_id": ["a", "a", "b", "b", None],
+                       "day": ["d"] * 5, "is_anomaly": [0.0, 1.0, 0.0, 0.0, 0.0], "score": [0.1] * 5})
+    (row,) = batch_metrics(df, "day")
+    assert row["process_seconds"] == pytest.approx(0.1 + 0.1 + 0.03)  # two 100-ms batches and a loose scan
+    assert row["ms_per_prediction"] == pytest.approx(230 / 5)
+    assert [r["process_seconds"] for r in batch_metrics(df)] == pytest.approx([0.1, 0.1, 0.03])
+    assert days_since(day + 23 * 3600, 2) == day - 86400  # yesterday and today, whole
+    assert days_since(day + 60, 1) == day

@@ -5,7 +5,8 @@ Output folder::
 
     results.csv        image, status, is_anomaly, anomaly_score, reconstruction_error, threshold, model_version
                        (a stack, a multi-page TIFF of CT slices: one row per page, ``<path>#page=K``)
-    metrics.json       the batch's metrics (process time, time per prediction, mean score, anomaly rate, counts)
+    metrics.json       the batch's metrics (process time, time per prediction, mean score, anomaly rate,
+                       counts; ``not_logged``: rows the prediction log could not take, the results kept)
     metrics.prom       the same as Prometheus text
     summary.html       counts and a table of the flagged images with their heatmaps (inline PNG)
 """
@@ -62,6 +63,7 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
     rows: list[dict[str, Any]] = []
     flagged: list[tuple[str, bytes, dict[str, Any]]] = []
     items: list[Item] = []
+    not_logged = 0  # rows the prediction log refused (a locked sqlite, a database restarting)
     t0 = time.perf_counter()
     while chunk_entries := list(itertools.islice(entries, chunk)):
         part, xs, natives, blobs = [], [], [], []
@@ -91,7 +93,12 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
             if rec["is_anomaly"] and len(flagged) < max_heatmaps:
                 flagged.append((label, overlay_png(natives[j], res.maps[j], rec["threshold"]), rec))
         if plog is not None:  # a chunk at a time: a stack of thousands of slices is not held to the end
-            plog.write(items)
+            try:
+                plog.write(items)
+            except Exception as exc:  # noqa: BLE001 - the results come first; the log says what it missed
+                not_logged += len(items)
+                logger.warning("prediction log: %d rows of batch %s not written: %s", len(items), batch_id,
+                               exc)
             items = []
     seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,7 @@ def score_folder(settings: Settings, folder: Path, out_dir: Path, ref: int | str
     w.writeheader()
     w.writerows(rows)
     write_atomic(out_dir / "results.csv", table.getvalue())  # an earlier batch's stays whole until replaced
-    metrics = summarise(rows, seconds, batch_id)
+    metrics = summarise(rows, seconds, batch_id) | ({"not_logged": not_logged} if plog is not None else {})
     write_metrics(out_dir, metrics)
     write_atomic(out_dir / "summary.html", summary_html(folder, version, metrics, flagged))
     logger.info("scored %d images of %s with version %s: %d anomalies", len(rows), folder, version, metrics["anomaly"])

@@ -18,10 +18,27 @@ FIELDS = ("key", "images", "anomaly", "normal", "anomaly_rate", "mean_score", "p
           "ms_per_prediction", "first_ts", "last_ts")
 
 
+def days_since(now: float, days: int) -> float:
+    """The start (UTC midnight) of the oldest of the last ``days`` calendar days, today included: the per-day
+    figures then hold whole days, not the tail of the oldest one."""
+    midnight = now - now % 86400
+    return midnight - 86400 * (max(1, days) - 1)
+
+
+def _busy_seconds(g: pd.DataFrame) -> float:
+    """Time spent scoring: each batch's span (first start to last end) added up; rows outside any batch
+    count their own latency. The idle hours between two requests are not processing."""
+    batched = g[g["batch_id"].notna()]
+    spans = batched.groupby("batch_id").agg(first=("start", "min"), last=("ts", "max"))
+    loose = g.loc[g["batch_id"].isna(), "latency_ms"].fillna(0).sum() / 1000
+    return float((spans["last"] - spans["first"]).sum() + loose)
+
+
 def batch_metrics(df: pd.DataFrame, by: str = "batch_id") -> list[dict[str, Any]]:
     """One row per ``by`` (``batch_id`` or ``day``): the metrics in FIELDS.
 
-    Process time is from the first image's start (its time minus its latency) to the last one's end.
+    A batch's process time is from its first image's start (its time minus its latency) to its last one's
+    end; a day's is the sum of its batches' (:func:`_busy_seconds`).
     """
     out = []
     if df.empty:
@@ -30,7 +47,7 @@ def batch_metrics(df: pd.DataFrame, by: str = "batch_id") -> list[dict[str, Any]
     for key, g in d.groupby("key", sort=False):
         n = len(g)
         anomalies = int(g["is_anomaly"].astype(bool).sum())
-        span = float(g["ts"].max() - g["start"].min())
+        span = float(g["ts"].max() - g["start"].min()) if by == "batch_id" else _busy_seconds(g)
         out.append({"key": str(key), "images": n, "anomaly": anomalies, "normal": n - anomalies,
                     "anomaly_rate": anomalies / n, "mean_score": float(g["score"].mean()),
                     "process_seconds": span, "ms_per_prediction": 1000 * span / n,

@@ -17,7 +17,7 @@ from typing import Any
 
 from cellscan.core.config import Params
 from cellscan.mlops import registry
-from cellscan.mlops.monitor.batches import batch_metrics
+from cellscan.mlops.monitor.batches import batch_metrics, days_since
 from cellscan.mlops.monitor.drift import log_to_mlflow, run_report, save_report, with_pixels
 from cellscan.mlops.monitor.predlog import PredictionLog
 from cellscan.mlops.monitor.reference import load_reference
@@ -29,7 +29,11 @@ DRIFT_EVENT, RATE_EVENT = "cellscan.drift.detected", "cellscan.anomaly-rate.jump
 
 
 def check(settings: Settings, params: Params, version: int | None = None, now: float | None = None) -> dict[str, Any]:
-    """Compare the newest ``monitor.window`` predictions of ``version`` (default: the champion) with its reference."""
+    """Compare the newest ``monitor.window`` predictions of ``version`` (default: the champion) with its
+    reference.
+
+    Only predictions made since the version last took over count (:meth:`PredictionLog.took_over`): after
+    a rollback, its rows from before the newer version served are not today's scans."""
     p = params.monitor
     now = now or time.time()
     version = version if version is not None else registry.champion_version(settings)
@@ -38,15 +42,19 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     base = {"model_version": version, "pruned_image_days": pruned, "events": [], "report": None}
     if version is None:
         return base | {"status": "no champion"}
-    window = log.frame(model_version=version, limit=p.window)  # every source: the batch metrics
+    since = log.took_over(version)  # after a rollback: not the version's weeks-old rows from before
+    window = log.frame(model_version=version, since=since, limit=p.window)  # every source: the batch metrics
     # the drift window: the newest rows with image descriptors (edge devices send a score and a verdict only)
-    current = with_pixels(log.frame(model_version=version, limit=p.window, with_pixels=True))
+    current = with_pixels(log.frame(model_version=version, since=since, limit=p.window, with_pixels=True))
     if len(current) < p.min_samples:
-        msg = f"{len(current)} predictions of version {version} with image descriptors, fewer than {p.min_samples}"
+        took = "" if since is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(since))
+        after = f" since it took over ({took})" if took else ""
+        msg = (f"{len(current)} predictions of version {version} with image descriptors{after}, fewer than "
+               f"{p.min_samples}")
         return base | {"status": msg}
     reference = load_reference(settings, version)
     snap, result = run_report(reference, current, p, version)
-    allrows = log.frame(since=now - 7 * 86400)
+    allrows = log.frame(since=days_since(now, 7))
     extra = {"batches": batch_metrics(window), "days": batch_metrics(allrows, "day")}
     save_report(snap, result, settings.monitor_dir / "reports", extra)
     run_id = log_to_mlflow(settings, result)
