@@ -107,6 +107,23 @@ def test_worse_challenger_registered_from_a_directory_is_not_promoted(project, s
     assert info["run_name"] == f"register-{data_hash(project)[:8]}"
 
 
+
+def test_a_registered_bundle_and_the_champion_are_judged_at_their_own_thresholds(project, settings, tmp_path):
+    """A champion whose threshold flags nothing any more must not be re-tuned on the data for the gate while
+    the registered bundle keeps its own: each is compared as it would serve."""
+    _train(project)
+    model, _ = registry.load_model("champion", settings)
+    blind = model.with_threshold(1e9).save(tmp_path / "blind")
+    res = _cli(settings, "models", "register", str(blind), "--json")
+    assert res.exit_code == 0, res.output
+    assert not json.loads(res.stdout)["promoted"]
+    registry.promote(settings, 2, "test: the champion's threshold flags nothing")
+    res = _cli(settings, "models", "register", str(model.save(tmp_path / "tuned")), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["version"] == 3 and out["promoted"], out
+    assert registry.lineage(settings, 3)["champion_metrics"]["f1"] == 0.0
+
 def test_rollback_after_an_alias_move_made_outside_cellscan(project, settings):
     _train(project)
     v1, s1 = _scores(settings, project)

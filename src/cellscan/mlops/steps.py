@@ -107,9 +107,10 @@ def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, ev
     return Registered(version, run.run_id, run.name, metrics)
 
 
-def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int,
+def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int, calibrate: bool = True,
                      ) -> tuple[int | None, dict[str, float] | None]:
-    """The champion's version and its metrics on ``data`` (threshold calibrated there, like the challenger's).
+    """The champion's version and its metrics on ``data`` (threshold calibrated there, like a trained
+    challenger's; ``calibrate=False``: at its own threshold, like a registered bundle's).
 
     Pass the dataset the challenger was evaluated on: images stored since (an ``/anomaly`` upload during
     the training) would otherwise count for the champion only.
@@ -119,7 +120,7 @@ def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int,
         return None, None
     model, _ = registry.load_model(version, settings)
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
-    ev = evaluate_model(model, dataset, calibrate=True, max_pixels=max_pixels)
+    ev = evaluate_model(model, dataset, calibrate=calibrate, max_pixels=max_pixels)
     return version, {k: float(v) for k, v in ev.metrics.items()}
 
 
@@ -150,7 +151,9 @@ def gate(settings: Settings, reg: Registered, params: Params, data: Path | Datas
 def register_bundle(settings: Settings, params: Params, project: Path, bundle_dir: Path) -> dict[str, Any]:
     """Register a bundle directory written elsewhere (``dvc repro`` -> models/latest) through the same gate.
 
-    The bundle is evaluated with its own threshold on the current data (versioned with DVC first).
+    The bundle is evaluated with its own threshold on the current data (versioned with DVC first), and
+    so is the champion: each as it would serve, neither given a threshold tuned on the data it is judged
+    on while the other keeps its own.
     """
     from cellscan.core.config import params_from_dict
 
@@ -169,8 +172,9 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
     try:
         dataset = load_dataset(droot)
         ev = evaluate_model(model, dataset, calibrate=False, max_pixels=params.data.max_pixels)
+        champion = champion_metrics(settings, dataset, params.data.max_pixels, calibrate=False)
         reg = register(settings, run, model, ev, bundle_dir)
-        out = gate(settings, reg, params, dataset)
+        out = gate(settings, reg, params, dataset, champion)
         ok = True
     finally:
         close_run(settings, run, ok)
