@@ -187,26 +187,26 @@ def test_batch_results_are_kept_when_the_prediction_log_fails(trained_project, t
     assert PredictionLog.from_settings(settings).count() == before + 24
 
 
-def test_a_rolled_back_version_is_judged_on_its_predictions_since_it_took_over(trained_project, tmp_path):
-    """v1's rows from before v2 served are history: after a rollback to v1, only its new scans count."""
-    import time
 
-    from cellscan.mlops.monitor.descriptors import EMBED_DIM
-    from cellscan.mlops.monitor.predlog import Item
+def test_a_rolled_back_version_is_judged_on_its_predictions_since_it_came_back(trained_project, tmp_path):
+    """v1's rows from before v2 served are history: after a rollback to v1, only its new scans count."""
+    from cellscan.core.config import load_params
+    from cellscan.mlops import registry, steps
 
     settings = Settings.from_env(trained_project)
-    from cellscan.core.config import load_params
-
-    params = load_params(trained_project / "params.yaml").with_overrides({"monitor.window": 40,
-                                                                          "monitor.min_samples": 20})
+    params = load_params(trained_project / "params.yaml")
     log = PredictionLog.from_settings(settings)
-    assert len(log.frame(model_version=1)) >= 40  # v1's earlier predictions, from the tests above
-    x = np.full((48, 48, 1), 0.5, np.float32)
-    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
-    log.write([Item(x, encode_png(x[..., 0]), rec, np.zeros(EMBED_DIM), "upload", "v2.png", 2, 0.01, "b-v2",
-                    ts=time.time())])
-    out = monitor.check(settings, params, version=1)
-    assert out["status"].startswith("0 predictions of version 1 with image descriptors since it took over")
-    batchscore.score_folder(settings, _stream(tmp_path / "after", seed=404, n=40), tmp_path / "out")
-    out = monitor.check(settings, params, version=1)
-    assert out["n"] == 40, out
+    batchscore.score_folder(settings, _stream(tmp_path / "v1-scans", seed=404, n=30), tmp_path / "out-v1")
+    assert len(log.frame(model_version=1)) >= 30  # v1's predictions before v2 served
+    model, _ = registry.load_model(1, settings)
+    v2 = steps.register_bundle(settings, params, trained_project, model.save(tmp_path / "v2"))["version"]
+    registry.promote(settings, v2, "test")
+    batchscore.score_folder(settings, _stream(tmp_path / "v2-scans", seed=404, n=10), tmp_path / "out-v2")
+    assert registry.rollback(settings) == 1
+    small = params.with_overrides({"monitor.window": 40, "monitor.min_samples": 20})
+    out = monitor.check(settings, small)
+    assert out["status"].startswith("0 predictions of version 1 with image descriptors since it became the "
+                                    "champion ("), out["status"]
+    batchscore.score_folder(settings, _stream(tmp_path / "after", seed=404, n=30), tmp_path / "out")
+    out = monitor.check(settings, small)
+    assert out["n"] == 30, out

@@ -105,28 +105,6 @@ def test_an_image_that_cannot_be_kept_does_not_lose_the_batchs_rows(tmp_path):
     assert df["image_path"].isna().all()
 
 
-def test_a_version_takes_over_when_another_last_scored_pixels_here(tmp_path):
-    """After a rollback to v3, v3's rows from before v4 served are history: the monitor starts after v4's."""
-    from cellscan.serve.edgelog import edge_rows
-
-    log = PredictionLog.from_settings(Settings.from_env(tmp_path, env={}))
-    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
-    now = time.time()
-
-    def rows(version: int, start: float) -> list[Item]:
-        return [Item(_img(i), encode_png(_img(i)[..., 0]), rec, np.arange(EMBED_DIM, dtype=float), "upload",
-                     f"{i}.png", version, 0.01, f"b{version}", ts=start + i) for i in range(3)]
-
-    assert log.took_over(3) is None
-    log.write(rows(3, now - 1000) + rows(4, now - 500))
-    assert log.took_over(3) == pytest.approx(now - 498)  # v4's newest
-    assert log.took_over(4) == pytest.approx(now - 998)
-    device = {"model_version": 2, "records": [{"image": "e.png", "anomaly_score": 0.2, "threshold": 1.0,
-                                                "is_anomaly": False, "time": now}]}
-    log.insert(edge_rows(device, now=now)[0])  # a device running an older export all along: no take-over
-    assert log.took_over(3) == pytest.approx(now - 498)
-
-
 def test_a_days_process_time_is_its_batches_not_the_hours_between_them():
     import pandas as pd
 
@@ -143,3 +121,43 @@ def test_a_days_process_time_is_its_batches_not_the_hours_between_them():
     assert [r["process_seconds"] for r in batch_metrics(df)] == pytest.approx([0.1, 0.1, 0.03])
     assert days_since(day + 23 * 3600, 2) == day - 86400  # yesterday and today, whole
     assert days_since(day + 60, 1) == day
+
+
+def test_closing_a_writer_stuck_on_a_slow_database_is_bounded_and_said(caplog):
+    import threading
+
+    release = threading.Event()
+
+    class SlowLog:  # a database that hangs (a PostgreSQL failing over)
+        def write(self, batch):  # noqa: ANN001, ANN202
+            release.wait(10)
+            return len(batch)
+
+        def prune(self) -> int:
+            return 0
+
+    writer = LogWriter(SlowLog(), max_queue=2)  # type: ignore[arg-type]
+    rec = {"anomaly_score": 0.5, "reconstruction_error": 0.1, "threshold": 1.0, "is_anomaly": False}
+    for i in range(5):  # one taken by the writer, two queued, two dropped: the queue is full
+        writer.submit(Item(_img(i), b"", rec, None, "upload", f"{i}.png", 3, 0.01))
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING"):
+        writer.close(timeout=0.3)
+    assert time.monotonic() - t0 < 1.5  # not blocked on the full queue
+    assert "queued rows not written at shutdown (writing took over 0.3 s)" in caplog.text
+    release.set()
+
+
+def test_requests_served_at_the_same_time_count_once_in_a_days_process_time():
+    import pandas as pd
+
+    from cellscan.mlops.monitor.batches import batch_metrics
+
+    day = 20_000 * 86400.0
+    # four 10-second requests side by side (clients at once), then one 1-second request an hour later
+    ts = [day + 10.0, day + 10.0, day + 10.0, day + 10.0, day + 3601.0]
+    df = pd.DataFrame({"ts": ts, "latency_ms": [10_000.0] * 4 + [1000.0], "batch_id": list("abcde"),
+                       "day": ["d"] * 5, "is_anomaly": [0.0] * 5, "score": [0.1] * 5})
+    (row,) = batch_metrics(df, "day")
+    assert row["process_seconds"] == pytest.approx(11.0)

@@ -11,6 +11,7 @@ MLflow UI count too.
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import time
@@ -65,6 +66,18 @@ def _aliases(mc: MlflowClient, name: str) -> dict[str, int]:
 
 def champion_version(settings: Settings) -> int | None:
     return _aliases(client(settings), settings.model_name).get(CHAMPION)
+
+
+def serving_since(settings: Settings, version: int) -> float | None:
+    """When ``version`` last became the champion through cellscan (the gate, a promotion, a rollback), or
+    when it was last seen leaving the alias; None where neither is recorded (an alias moved only in the
+    MLflow UI, a version saved before the stamp)."""
+    tags = client(settings).get_model_version(settings.model_name, str(version)).tags or {}
+    try:
+        stamp = time.strptime(tags[WAS_CHAMPION_TAG].split(" ", 1)[0], "%Y-%m-%dT%H:%M:%SZ")
+        return float(calendar.timegm(stamp))
+    except (KeyError, ValueError):
+        return None
 
 
 def _resolve(mc: MlflowClient, name: str, ref: int | str) -> Any:

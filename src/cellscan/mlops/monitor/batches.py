@@ -26,12 +26,19 @@ def days_since(now: float, days: int) -> float:
 
 
 def _busy_seconds(g: pd.DataFrame) -> float:
-    """Time spent scoring: each batch's span (first start to last end) added up; rows outside any batch
-    count their own latency. The idle hours between two requests are not processing."""
+    """Time spent scoring: the union of the batches' spans (first start to last end; a row outside any
+    batch spans its own latency). The idle hours between requests are not processing, and requests served
+    at the same time count once."""
     batched = g[g["batch_id"].notna()]
     spans = batched.groupby("batch_id").agg(first=("start", "min"), last=("ts", "max"))
-    loose = g.loc[g["batch_id"].isna(), "latency_ms"].fillna(0).sum() / 1000
-    return float((spans["last"] - spans["first"]).sum() + loose)
+    loose = g.loc[g["batch_id"].isna(), ["start", "ts"]].rename(columns={"start": "first", "ts": "last"})
+    busy, end = 0.0, -math.inf
+    firsts, lasts = [*spans["first"], *loose["first"]], [*spans["last"], *loose["last"]]
+    for first, last in sorted(zip(firsts, lasts, strict=True)):
+        if last > end:
+            busy += last - max(first, end)
+            end = last
+    return float(busy)
 
 
 def batch_metrics(df: pd.DataFrame, by: str = "batch_id") -> list[dict[str, Any]]:

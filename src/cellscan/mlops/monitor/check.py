@@ -32,8 +32,9 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     """Compare the newest ``monitor.window`` predictions of ``version`` (default: the champion) with its
     reference.
 
-    Only predictions made since the version last took over count (:meth:`PredictionLog.took_over`): after
-    a rollback, its rows from before the newer version served are not today's scans."""
+    Only predictions made since the version last became the champion count
+    (:func:`~cellscan.mlops.registry.serving_since`): after a rollback, its rows from before the newer
+    version served are not today's scans."""
     p = params.monitor
     now = now or time.time()
     version = version if version is not None else registry.champion_version(settings)
@@ -42,13 +43,13 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     base = {"model_version": version, "pruned_image_days": pruned, "events": [], "report": None}
     if version is None:
         return base | {"status": "no champion"}
-    since = log.took_over(version)  # after a rollback: not the version's weeks-old rows from before
+    since = registry.serving_since(settings, version)  # after a rollback: not its weeks-old rows from before
     window = log.frame(model_version=version, since=since, limit=p.window)  # every source: the batch metrics
     # the drift window: the newest rows with image descriptors (edge devices send a score and a verdict only)
     current = with_pixels(log.frame(model_version=version, since=since, limit=p.window, with_pixels=True))
     if len(current) < p.min_samples:
         took = "" if since is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(since))
-        after = f" since it took over ({took})" if took else ""
+        after = f" since it became the champion ({took})" if took else ""
         msg = (f"{len(current)} predictions of version {version} with image descriptors{after}, fewer than "
                f"{p.min_samples}")
         return base | {"status": msg}

@@ -235,19 +235,6 @@ class PredictionLog:
         with self.engine.begin() as conn:
             conn.execute(update(self.alerts).where(self.alerts.c.id == alert_id).values(emitted=False))
 
-    def took_over(self, model_version: int) -> float | None:
-        """When ``model_version`` last took over the scoring here: the time of the newest prediction that
-        another version scored from pixels (None: none did). After a rollback, the version's rows from before
-        it served the newer one are history, not its current input. Edge devices' rows (no pixels) do not
-        count: a device may run an older export all along."""
-        from sqlalchemy import func, select
-
-        t = self.predictions
-        q = select(func.max(t.c.ts)).where(t.c.model_version != model_version, t.c.embedding.is_not(None))
-        with self.engine.connect() as conn:
-            ts = conn.execute(q).scalar()
-        return None if ts is None else float(ts)
-
     def last_emitted(self, kinds: tuple[str, ...]) -> float | None:
         """When an alert of one of ``kinds`` last went out as an event (None: never)."""
         last = self.last_emitted_alert(kinds)
@@ -321,8 +308,12 @@ class LogWriter:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, for at most ``timeout`` seconds; what is left is said, not silently lost."""
-        self._q.put(None)
-        self._thread.join(timeout=timeout)
+        t0 = time.monotonic()
+        try:
+            self._q.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=max(0.0, timeout - (time.monotonic() - t0)))
         if self._thread.is_alive():
-            logger.warning("prediction log: %d queued rows not written at shutdown (writing took > %.0f s)",
-                           max(self._q.qsize() - 1, 0), timeout)
+            logger.warning("prediction log: at least %d queued rows not written at shutdown (writing took "
+                           "over %.1f s)", max(self._q.qsize() - 1, 0), timeout)
