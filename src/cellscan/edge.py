@@ -258,16 +258,16 @@ def write_csv(rows: list[dict[str, Any]], out_csv: Path) -> None:
         raise
 
 
-RETRY_STATUS = (429, 502, 503, 504)  # the service did not take the request: busy, restarting, behind a proxy
+RETRY_STATUS = (429, 503)  # the service did not take the request: busy, restarting (a 502 / 504 may have)
 
 
 def post_results(url: str, rows: list[dict[str, Any]], info: dict[str, Any], api_key: str | None = None,
                  chunk: int = 100, timeout: float = 30.0, retries: int = 3, backoff: float = 2.0) -> int:
     """POST the rows as JSON to ``url``, ``chunk`` rows a request; returns the number of requests sent.
 
-    A request the service did not take (connection refused, HTTP 429, 502, 503, 504) is sent again up to
-    ``retries`` times, ``backoff`` x 1, 2, 4... seconds apart; one that may have been logged (a time-out
-    while waiting for the answer) is not, so no row is logged twice.
+    A request the service did not take (connection refused, HTTP 429, 503) is sent again up to ``retries``
+    times, ``backoff`` x 1, 2, 4... seconds apart; one that may have been logged (a time-out while waiting
+    for the answer, a gateway's 502 or 504) is not, so no row is logged twice.
 
     ``url`` is the service's address (``http://host:3000``, posted to its ``/edge/results`` route, which
     writes the rows into the prediction log with source ``edge``) or any full URL.

@@ -274,12 +274,18 @@ def test_holder_does_not_convert_a_refused_export_again_every_poll(trained, mode
     holder = ModelHolder(settings, poll_seconds=0)
     assert calls == [version] and holder.version is None
     assert holder.last_error == f"ParityError: onnx export refused: version {version}"
+    holder.last_error = "MlflowException: a poll while the registry was down"
     assert holder.refresh() is None and calls == [version]  # the next poll: not converted again
+    assert holder.last_error == f"ParityError: onnx export refused: version {version}"  # the reason again
+    monkeypatch.setattr("cellscan.serve.runtime.REFUSED_RETRY_S", 0.0)  # ten minutes later: looked at again
+    with pytest.raises(ParityError):
+        holder.refresh()
+    assert calls == [version, version]
     second = _register(settings, model_dir)
     registry.client(settings).set_registered_model_alias("cellscan", "champion", str(second))  # alias moved
     with pytest.raises(ParityError):
         holder.refresh()
-    assert calls == [version, second]
+    assert calls == [version, version, second]
 
 def test_cli_export(trained, model_dir, dataset_dir, tmp_path, monkeypatch):
     from cellscan.cli import app

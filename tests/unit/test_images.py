@@ -64,10 +64,15 @@ def test_float_tiff_is_min_max_scaled():
     np.testing.assert_allclose(out[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
 
 
-def test_float_tiff_spanning_the_float32_range_scales_without_overflow():
-    """Fill values of +-3e38: their span overflows float32 to infinity, and every pixel would turn NaN."""
-    arr = np.array([[-3e38, 0.0, 3e38]], dtype=np.float32)
-    out = decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"))
+@pytest.mark.parametrize("fill", [-3.4e38, 3.4e38, 1e31])
+def test_float_tiff_with_fill_values_is_refused_by_name(fill):
+    """No-data markers (float32's largest): their span overflows to infinity and every pixel would turn NaN,
+    and even a finite one would squash the measurements to one grey level."""
+    arr = np.array([[100.0, 150.0, 200.0, fill]], dtype=np.float32)
+    with pytest.raises(ImageError, match=r"^ct.tif: float pixels from .* are fill values \(no-data"):
+        decode_image(_bytes(Image.fromarray(arr, mode="F"), "TIFF"), name="ct.tif")
+    wide = np.array([[-1e20, 0.0, 1e20]], dtype=np.float32)  # large, yet measurements: scaled as ever
+    out = decode_image(_bytes(Image.fromarray(wide, mode="F"), "TIFF"))
     np.testing.assert_allclose(out[0, :, 0], [0.0, 0.5, 1.0], atol=1e-6)
 
 

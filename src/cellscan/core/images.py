@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F", "CMYK")
 DEFAULT_MAX_PIXELS = 50_000_000
+FILL_VALUE = 1e30  # float pixels beyond it (+-3.4e38 is float32's largest) mark missing data
 # What Pillow raises on a damaged file: a truncated TIFF's missing tag is a TypeError (from a KeyError).
 _DECODE_ERRORS = (ValueError, OSError, SyntaxError, struct.error, EOFError, TypeError, KeyError, IndexError)
 MAX_PAGES = 4096  # pages of one stack (multi-page TIFF) that batch scoring reads
@@ -213,13 +214,14 @@ def _to_float(img: Image.Image, channels: int) -> np.ndarray:
             msg = f"image has {int((~np.isfinite(arr)).sum())} non-finite pixels (inf or nan); expected finite values"
             raise ImageError(msg)
         lo, hi = float(arr.min()), float(arr.max())
+        if max(-lo, hi) > FILL_VALUE:  # no measurement is that large: min-max would flatten the real data
+            msg = (f"float pixels from {lo:g} to {hi:g}: values beyond {FILL_VALUE:g} are fill values "
+                   "(no-data markers), not measurements; expected them replaced by the background level")
+            raise ImageError(msg)
         if lo >= 0.0 and hi <= 1.0:
             gray = arr
-        else:  # arbitrary float range (e.g. attenuation values): min-max scale, in float64 (a span of
-            # fill values such as -3e38..3e38 overflows float32 to inf and every pixel to NaN)
-            span = hi - lo  # a Python float: float64
-            scaled = (arr.astype(np.float64) - lo) / span if span > 0 else np.zeros(arr.shape)
-            gray = scaled.astype(np.float32)
+        else:  # arbitrary float range (e.g. attenuation values): min-max scale
+            gray = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         out = gray[..., None]
     elif mode in ("1", "L"):
         out = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / np.float32(255.0)

@@ -10,8 +10,8 @@ Parity is measured before an export is kept, on the version's validation normals
 (the dataset the model was trained on, ``params.data.root``, or ``data_root``): the largest absolute
 difference of the anomaly maps and of the image scores, and how many verdicts differ. An unquantized
 export is refused (:class:`~cellscan.errors.ParityError`) when any score moves by more than
-``SCORE_TOLERANCE`` of the threshold (at least of 1), so a verdict can differ only for an image scored on
-the threshold itself; a quantized one (``fp16``, ``int8``) when its image AUROC is more than
+``SCORE_TOLERANCE`` of the threshold (at least of 1), so a verdict can differ only for an image scored
+within that tolerance of the threshold; a quantized one (``fp16``, ``int8``) when its image AUROC is more than
 ``max_auroc_loss`` below the Keras model's. A dataset with no known anomalies gets CT-like defects
 simulated on its validation normals (``simulated-defect-<i>``), so that AUROC has something to rank and an
 export whose scores all sink is not read as one whose normals stay normal.
@@ -142,7 +142,7 @@ def parity_report(reference: ScoreResult, exported: ScoreResult, labels: np.ndar
     """Compare the export's scores with the Keras model's on the same images; ``ok`` says whether to keep it.
 
     Unquantized: every score within ``SCORE_TOLERANCE`` x max(1, |threshold|) of the Keras model's, so a
-    verdict differs only where Keras itself scored on the threshold (reported as ``borderline``), and an
+    verdict differs only where Keras scored within that of the threshold (``borderline``), and an
     export whose scores all sink (every normal still "normal") is refused. Quantized: the image AUROC may
     drop by at most ``max_auroc_loss`` (verdict differences are reported, not refused). Either way, an
     export whose scores, maps or reconstructions are not all finite numbers where the Keras model's are is
@@ -188,7 +188,7 @@ def parity_report(reference: ScoreResult, exported: ScoreResult, labels: np.ndar
         else:
             report["reason"] = "all verdicts identical" if not n else (
                 f"scores within {tolerance:.3g}; {n} of {len(labels)} verdicts differ on images Keras scored "
-                "on the threshold itself (borderline)")
+                "within that of the threshold (borderline)")
             report["borderline"] = n
     elif math.isnan(auroc_k) or math.isnan(auroc_e):
         report["ok"] = report["verdicts_identical"]

@@ -6,7 +6,8 @@ thing. The directory is opaque here: it is written by ``save`` and read by ``loa
 
 ``mlflow.pyfunc.load_model("models:/cellscan@champion").predict(...)`` takes image paths or
 encoded bytes (a list, or a DataFrame with an ``image`` column), or a preprocessed batch
-(N, size, size, C) of floats in [0, 1] or of uint8 / uint16 pixels,
+(N, size, size, C) of floats in [0, 1] or of uint8 / uint16 pixels (other integers, as JSON tensors
+give, are refused: send them as uint16 or scaled),
 and returns one row per image: ``is_anomaly``,
 ``reconstruction_error``, ``threshold`` (whatever ``ScoreResult.record`` gives).
 """

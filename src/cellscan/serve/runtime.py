@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from cellscan.mlops import registry
 from cellscan.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+REFUSED_RETRY_S = 600.0  # a champion whose export was refused: looked at again after this long
 
 
 class ModelHolder:
@@ -45,7 +48,9 @@ class ModelHolder:
         self._model: CellscanModel | None = None
         self._version: int | None = None
         self.champion: int | None = None  # the alias as last read from the registry
-        self._refused: int | None = None  # a version whose export failed its parity check: not tried again
+        # (version, reason, when): the champion's export failed its parity check; not converted again at
+        # every poll, only after REFUSED_RETRY_S (an export made meanwhile elsewhere is then picked up)
+        self._refused: tuple[int, str, float] | None = None
         self.last_error: str | None = None
         # None when MLflow answers, else why not (cellscan.serve.health.TrackingProbe.error): the poll then
         # skips the registry, whose client would retry a refused connection for minutes.
@@ -74,20 +79,24 @@ class ModelHolder:
     def refresh(self) -> int | None:
         """Load the champion if the alias points elsewhere than the loaded version; returns the version.
 
-        A version whose export was refused by its parity check (a deterministic failure) is not prepared
-        again while the alias stays on it: ``last_error`` keeps saying why; other failures (the registry,
-        a download) are tried again at the next poll."""
+        A version whose export was refused by its parity check (a deterministic failure) is prepared again
+        only after ``REFUSED_RETRY_S`` or once the alias has moved: meanwhile ``last_error`` says why; other
+        failures (the registry, a download) are tried again at the next poll."""
         with self.changing:
             version = registry.champion_version(self.settings)
             self.champion = version
             if version is None or version == self._version:
                 return self._version
-            if version == self._refused:  # converting it again every poll would refuse it again
+            if self._refused is not None and (version != self._refused[0]
+                                              or time.monotonic() - self._refused[2] > REFUSED_RETRY_S):
+                self._refused = None  # the alias moved, or time to look again
+            if self._refused is not None:  # converting it again now would refuse it again
+                self.last_error = self._refused[1]
                 return self._version
             try:
                 model = self.prepare(version)
-            except ParityError:
-                self._refused = version
+            except ParityError as exc:
+                self._refused = (version, f"{type(exc).__name__}: {exc}", time.monotonic())
                 raise
             self.install(model, version)
             return version
