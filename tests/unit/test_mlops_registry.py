@@ -341,6 +341,50 @@ def test_pull_tells_a_version_the_remote_lacks_from_a_remote_that_fails(tmp_path
     assert capsys.readouterr().err.startswith("data: `dvc pull data.dvc` failed")
 
 
+
+def test_an_http_remote_that_does_not_answer_is_not_an_empty_one(tmp_path):
+    """DVC reports the files of an HTTP remote it cannot reach as missing: the set-up would then make a new
+    data version in place of the one data.dvc names."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cellscan.errors import VersioningError
+    from cellscan.mlops import versioning
+
+    project = tmp_path / "proj"
+    (project / "data" / "cells").mkdir(parents=True)
+    (project / "data" / "cells" / "a.txt").write_text("a")
+    versioning.init_repo(project)
+    versioning.snapshot(project, push=False)
+    dvc_file = project / "data.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace(dvc_file.read_text().split("md5: ")[1][:32], "0" * 32))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    versioning.dvc("remote", "add", "-d", "web", f"http://127.0.0.1:{port}/dvc", cwd=project)
+    with pytest.raises(VersioningError, match=rf"remote .web. \(http://127.0.0.1:{port}/dvc\) does not"):
+        versioning.pull(project)
+
+    class Empty(BaseHTTPRequestHandler):  # a remote that answers and holds nothing
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD  # noqa: N815
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        versioning.dvc("remote", "modify", "web", "url", f"http://127.0.0.1:{server.server_address[1]}/dvc",
+                       cwd=project)
+        assert versioning.pull(project) is False  # missing: the set-up may regenerate
+    finally:
+        server.shutdown()
+
 def test_pyfunc_scales_integer_batches_and_refuses_raw_float_counts(trained, dataset_dir):
     import numpy as np
 

@@ -130,16 +130,42 @@ def pull(project: Path, target: str = "data") -> bool:
 
     Raises:
         VersioningError: the pull failed for another reason (DVC's own words: a missing plugin, refused
-            credentials, a remote path that is a file), so that a caller does not put a new data
-            version in its place. DVC itself reports an HTTP remote that does not answer as missing files.
+            credentials, a remote path that is a file; an HTTP remote that does not answer, which DVC
+            itself reports as missing files), so that a caller does not put a new data version in its
+            place.
     """
     res = dvc("pull", f"{target}.dvc", cwd=project, check=False)
     if res.returncode == 0:
         return True
     said = f"{res.stdout}\n{res.stderr}"
     if any(m in said.lower() for m in _MISSING):
+        _check_http_remote(project)
         return False
     raise _failed(res, project)
+
+
+def _check_http_remote(project: Path, timeout: float = 10.0) -> None:
+    """Raise when the default remote is an HTTP(S) server that does not answer: DVC calls its files missing
+    then, as if the remote were empty. An answer of any status (404 for an empty remote) is an answer."""
+    import urllib.error
+    import urllib.request
+
+    name = dvc("remote", "default", cwd=project, check=False).stdout.strip()
+    listed = dvc("remote", "list", cwd=project, check=False).stdout.splitlines()  # "name url [(default)]"
+    urls = {words[0]: words[1] for words in map(str.split, listed) if len(words) >= 2}
+    url = urls.get(name, "")
+    if not url.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):  # noqa: S310
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        msg = (f"the DVC remote {name!r} ({url}) does not answer ({reason}); DVC reports its files as "
+               "missing, but nothing was replaced: fix the remote (dvc remote list) and pull again")
+        raise VersioningError(msg) from None
 
 
 def main(argv: list[str] | None = None) -> int:
