@@ -93,6 +93,30 @@ def test_versions_gate_and_rollback_after_an_outside_alias_move(trained, model_d
     assert registry.rollback(store, "1") == 1
 
 
+
+def test_serving_since_is_the_newest_alias_move_cellscan_recorded(trained, model_dir, store):
+    """The monitor's window starts there: after a rollback, the champion's rows from before are history."""
+    import time
+
+    good = {"image_auroc": 0.9, "f1": 0.9}
+    assert registry.serving_since(store) is None  # nothing registered
+    t0 = time.time()
+    assert _register(store, model_dir, good, None) == 1
+    first = registry.serving_since(store)
+    assert first is not None and t0 - 1 <= first <= time.time()
+    assert _register(store, model_dir, {"image_auroc": 0.5, "f1": 0.1}, good) == 2  # rejected: no move
+    assert registry.serving_since(store) == first
+    time.sleep(1.1)
+    registry.client(store).set_registered_model_alias("cellscan", "champion", "2")  # the UI: nothing recorded
+    assert registry.serving_since(store) == first  # a lower bound: 2 took the alias after that
+    time.sleep(1.1)
+    assert registry.rollback(store, 1) == 1
+    back = registry.serving_since(store)
+    assert back >= first + 2
+    time.sleep(1.1)
+    assert registry.rollback(store, 1) == 1  # already the champion: no move, no new stamp
+    assert registry.serving_since(store) == back
+
 def test_a_decision_taken_against_a_champion_that_moved_meanwhile_does_not_promote(trained, model_dir, store,
                                                                                      tmp_path):
     from cellscan.core.config import Params
@@ -362,9 +386,10 @@ def test_an_http_remote_that_does_not_answer_is_not_an_empty_one(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    versioning.dvc("remote", "add", "-d", "web", f"http://127.0.0.1:{port}/dvc", cwd=project)
-    with pytest.raises(VersioningError, match=rf"remote .web. \(http://127.0.0.1:{port}/dvc\) does not"):
+    versioning.dvc("remote", "add", "-d", "web", f"http://reader:s3cret@127.0.0.1:{port}/dvc", cwd=project)
+    with pytest.raises(VersioningError, match=rf"remote .web. \(http://127.0.0.1:{port}/dvc\) does") as err:
         versioning.pull(project)
+    assert "s3cret" not in str(err.value)  # the password stays DVC's
 
     class Empty(BaseHTTPRequestHandler):  # a remote that answers and holds nothing
         def do_HEAD(self) -> None:  # noqa: N802
@@ -379,8 +404,8 @@ def test_an_http_remote_that_does_not_answer_is_not_an_empty_one(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Empty)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        versioning.dvc("remote", "modify", "web", "url", f"http://127.0.0.1:{server.server_address[1]}/dvc",
-                       cwd=project)
+        versioning.dvc("remote", "modify", "web", "url",
+                       f"http://reader:s3cret@127.0.0.1:{server.server_address[1]}/dvc", cwd=project)
         assert versioning.pull(project) is False  # missing: the set-up may regenerate
     finally:
         server.shutdown()

@@ -68,16 +68,19 @@ def champion_version(settings: Settings) -> int | None:
     return _aliases(client(settings), settings.model_name).get(CHAMPION)
 
 
-def serving_since(settings: Settings, version: int) -> float | None:
-    """When ``version`` last became the champion through cellscan (the gate, a promotion, a rollback), or
-    when it was last seen leaving the alias; None where neither is recorded (an alias moved only in the
-    MLflow UI, a version saved before the stamp)."""
-    tags = client(settings).get_model_version(settings.model_name, str(version)).tags or {}
-    try:
-        stamp = time.strptime(tags[WAS_CHAMPION_TAG].split(" ", 1)[0], "%Y-%m-%dT%H:%M:%SZ")
-        return float(calendar.timegm(stamp))
-    except (KeyError, ValueError):
-        return None
+def serving_since(settings: Settings) -> float | None:
+    """When the champion took the alias, at the latest: the newest alias move cellscan recorded (a version
+    taking it, through the gate, a promotion or a rollback, or seen leaving it). A move made only in the
+    MLflow UI records nothing, so the champion took the alias after that; None where no move is recorded."""
+    mc = client(settings)
+    newest = None
+    for mv in mc.search_model_versions(f"name='{settings.model_name}'"):
+        try:
+            stamp = time.strptime((mv.tags or {})[WAS_CHAMPION_TAG].split(" ", 1)[0], "%Y-%m-%dT%H:%M:%SZ")
+        except (KeyError, ValueError):
+            continue
+        newest = max(newest or 0.0, float(calendar.timegm(stamp)))
+    return newest
 
 
 def _resolve(mc: MlflowClient, name: str, ref: int | str) -> Any:
@@ -227,6 +230,8 @@ def _mark_was_champion(mc: MlflowClient, name: str, version: int | None, how: st
 
 def _set_champion(mc: MlflowClient, name: str, version: int, how: str) -> int | None:
     previous = _aliases(mc, name).get(CHAMPION)
+    if previous == version:  # already serving: no move, no new stamp (serving_since)
+        return previous
     _mark_was_champion(mc, name, previous, "was champion (seen when the alias moved)")
     mc.set_registered_model_alias(name, CHAMPION, str(version))
     _mark_was_champion(mc, name, version, how)

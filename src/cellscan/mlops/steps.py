@@ -107,10 +107,11 @@ def register(settings: Settings, run: tracking.RunInfo, model: CellscanModel, ev
     return Registered(version, run.run_id, run.name, metrics)
 
 
-def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int, calibrate: bool = True,
+def champion_metrics(settings: Settings, data: Path | Dataset, max_pixels: int, calibrate: bool = False,
                      ) -> tuple[int | None, dict[str, float] | None]:
-    """The champion's version and its metrics on ``data`` (threshold calibrated there, like a trained
-    challenger's; ``calibrate=False``: at its own threshold, like a registered bundle's).
+    """The champion's version and its metrics on ``data`` at the threshold it serves with, as the
+    challenger's are at its own (``calibrate=True``: a threshold tuned on ``data`` instead, which would
+    let a champion whose threshold no longer flags anything keep the alias on its network's merit).
 
     Pass the dataset the challenger was evaluated on: images stored since (an ``/anomaly`` upload during
     the training) would otherwise count for the champion only.
@@ -152,8 +153,7 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
     """Register a bundle directory written elsewhere (``dvc repro`` -> models/latest) through the same gate.
 
     The bundle is evaluated with its own threshold on the current data (versioned with DVC first), and
-    so is the champion: each as it would serve, neither given a threshold tuned on the data it is judged
-    on while the other keeps its own.
+    so is the champion (:func:`champion_metrics`): each as it would serve.
     """
     from cellscan.core.config import params_from_dict
 
@@ -172,9 +172,8 @@ def register_bundle(settings: Settings, params: Params, project: Path, bundle_di
     try:
         dataset = load_dataset(droot)
         ev = evaluate_model(model, dataset, calibrate=False, max_pixels=params.data.max_pixels)
-        champion = champion_metrics(settings, dataset, params.data.max_pixels, calibrate=False)
         reg = register(settings, run, model, ev, bundle_dir)
-        out = gate(settings, reg, params, dataset, champion)
+        out = gate(settings, reg, params, dataset)
         ok = True
     finally:
         close_run(settings, run, ok)

@@ -147,23 +147,28 @@ def pull(project: Path, target: str = "data") -> bool:
 def _check_http_remote(project: Path, timeout: float = 10.0) -> None:
     """Raise when the default remote is an HTTP(S) server that does not answer: DVC calls its files missing
     then, as if the remote were empty. An answer of any status (404 for an empty remote) is an answer."""
+    import http.client
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
 
     name = dvc("remote", "default", cwd=project, check=False).stdout.strip()
-    listed = dvc("remote", "list", cwd=project, check=False).stdout.splitlines()  # "name url [(default)]"
-    urls = {words[0]: words[1] for words in map(str.split, listed) if len(words) >= 2}
-    url = urls.get(name, "")
+    if not name:
+        return
+    # `dvc config` prints the value alone (`dvc remote list` wraps long lines when piped)
+    url = dvc("config", f"remote.{name}.url", cwd=project, check=False).stdout.strip()
     if not url.startswith(("http://", "https://")):
         return
+    parts = urlsplit(url)  # credentials (user:password@) are DVC's to send: never asked with, never shown
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):  # noqa: S310
+        with urllib.request.urlopen(urllib.request.Request(bare, method="HEAD"), timeout=timeout):  # noqa: S310
             pass
     except urllib.error.HTTPError:
-        return  # the server answered
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        msg = (f"the DVC remote {name!r} ({url}) does not answer ({reason}); DVC reports its files as "
+        return  # the server answered (401 for missing credentials, 404 for an empty remote, 405 to a HEAD)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else f"{type(exc).__name__}: {exc}"
+        msg = (f"the DVC remote {name!r} ({bare}) does not answer ({reason}); DVC reports its files as "
                "missing, but nothing was replaced: fix the remote (dvc remote list) and pull again")
         raise VersioningError(msg) from None
 

@@ -32,18 +32,20 @@ def check(settings: Settings, params: Params, version: int | None = None, now: f
     """Compare the newest ``monitor.window`` predictions of ``version`` (default: the champion) with its
     reference.
 
-    Only predictions made since the version last became the champion count
+    For the champion, only predictions made since it took the alias count
     (:func:`~cellscan.mlops.registry.serving_since`): after a rollback, its rows from before the newer
     version served are not today's scans."""
     p = params.monitor
     now = now or time.time()
-    version = version if version is not None else registry.champion_version(settings)
+    champion = registry.champion_version(settings)
+    version = version if version is not None else champion
     log = PredictionLog.from_settings(settings)
     pruned = log.prune(now)
     base = {"model_version": version, "pruned_image_days": pruned, "events": [], "report": None}
     if version is None:
         return base | {"status": "no champion"}
-    since = registry.serving_since(settings, version)  # after a rollback: not its weeks-old rows from before
+    # after a rollback: not its weeks-old rows from before (a version asked for by number: all its rows)
+    since = registry.serving_since(settings) if version == champion else None
     window = log.frame(model_version=version, since=since, limit=p.window)  # every source: the batch metrics
     # the drift window: the newest rows with image descriptors (edge devices send a score and a verdict only)
     current = with_pixels(log.frame(model_version=version, since=since, limit=p.window, with_pixels=True))
