@@ -45,7 +45,7 @@ def batch_metrics(df: pd.DataFrame, by: str = "batch_id") -> list[dict[str, Any]
     """One row per ``by`` (``batch_id`` or ``day``): the metrics in FIELDS.
 
     A batch's process time is from its first image's start (its time minus its latency) to its last one's
-    end; a day's is the sum of its batches' (:func:`_busy_seconds`).
+    end; a day's is the union of its batches' spans (:func:`_busy_seconds`).
     """
     out = []
     if df.empty:
