@@ -492,7 +492,9 @@ class Cellscan:
         record, amap, version = await self.batcher.score(x, used)
         if not all(math.isfinite(float(record.get(k) or 0.0)) for k in ("anomaly_score", "reconstruction_error")):
             # never into the score metric or the prediction log: one NaN would poison them for good
-            raise BadRequest(f"{name}: the image gives a non-finite score; expected finite pixel values")
+            from cellscan.edge import NON_FINITE  # the edge device's error rows say the same
+
+            raise BadRequest(f"{name}: {NON_FINITE}")
         emb = record.pop("_embedding", None)
         record["model_version"] = version
         if heatmap:  # at the size of the image sent

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import http.client
+import io
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import numpy as np
 from cellscan.core.bundle import CellscanModel
 from cellscan.core.images import IMAGE_SUFFIXES, iter_file_pages
 from cellscan.errors import CellscanError, ConfigError, ModelError, describe
+from cellscan.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +200,7 @@ def list_folder(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-NON_FINITE = "the image gives a non-finite score; expected finite pixel values"  # the service's words
+NON_FINITE = "the image gives a non-finite score; expected finite pixel values"  # the service says it too
 
 
 def score_paths(model: CellscanModel, paths: list[Path], batch: int = 16) -> list[dict[str, Any]]:
@@ -244,18 +246,13 @@ def check_out(out_csv: Path) -> None:
 
 
 def write_csv(rows: list[dict[str, Any]], out_csv: Path) -> None:
-    """Write the rows beside ``out_csv`` and move them in: a full disk never leaves half a results.csv."""
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.partial")
-    try:
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        tmp.replace(out_csv)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write the rows whole or not at all (:func:`~cellscan.files.write_atomic`): a full disk never leaves
+    half a results.csv."""
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out_csv, table.getvalue())
 
 
 RETRY_STATUS = (429, 503)  # the service did not take the request: busy, restarting (a 502 / 504 may have)
